@@ -1,0 +1,146 @@
+"""Pure advantage, KL and reward-shaping functions, and the KL controllers.
+
+Shapes: B = batch, T = response length. A per-token ``mask`` is 1 on response tokens;
+each row's episode ends at its last masked token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tether.ops import last_true_index
+
+__all__ = [
+    "gae",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_penalized_rewards",
+    "AdaptiveKLController",
+    "FixedKLController",
+]
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16).
+
+    Args:
+        rewards: [B, T] per-token rewards r_t.
+        values: [B, T] value estimates V(s_t).
+        mask: [B, T] 1 on response tokens; the episode ends after a row's last masked token,
+            whose successor state has value 0.
+        gamma, lam: discount γ and GAE λ.
+
+    Returns: ``(advantages, returns)``, both [B, T] and 0 outside the mask, with
+    ``δ_t = r_t + γ V(s_{t+1}) − V(s_t)``, ``A_t = Σ_l (γλ)^l δ_{t+l}`` and ``R_t = A_t + V(s_t)``.
+    """
+    mask = mask.to(values.dtype)
+    rewards = rewards * mask
+    values = values * mask
+    batch, length = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(length)):
+        next_mask = mask[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+        next_value = values[:, t + 1] * next_mask if t + 1 < length else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * next_mask * running) * mask[:, t]
+        advantages[:, t] = running
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 estimator of KL(π‖π_ref) per token: ``logπ − logπ_ref`` (unbiased, can be < 0)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 estimator per token: ``½ (logπ − logπ_ref)²`` (biased, low variance, ≥ 0)."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 estimator per token (Schulman 2020): ``(r − 1) − log r`` with r = π_ref/π.
+
+    Unbiased for KL(π‖π_ref) when tokens are sampled from π, and always ≥ 0.
+    """
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+def kl_penalized_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Per-token rewards of RLHF's PPO (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2).
+
+    Args:
+        scores: [B] sequence-level scores (reward model, gold, ...).
+        logprobs: [B, T] log π(a_t) of the sampled tokens.
+        ref_logprobs: [B, T] log π_ref(a_t) of the same tokens.
+        mask: [B, T] 1 on response tokens (each row needs at least one).
+        beta: KL coefficient β.
+
+    Returns: [B, T] rewards ``−β·(logπ − logπ_ref)`` on every response token, with the
+    sequence score added at each row's last response token; 0 outside the mask.
+    """
+    mask_f = mask.to(logprobs.dtype)
+    rewards = -beta * (logprobs - ref_logprobs) * mask_f
+    last = last_true_index(mask)
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. 2019 (section 2.2).
+
+    ``e = clip(KL/target − 1, −0.2, 0.2)``; ``β ← β · (1 + e · n_steps / horizon)``, where
+    ``n_steps`` is the number of samples in the rollout batch that measured ``KL``.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: int = 10000):
+        if target <= 0:
+            raise ValueError(f"AdaptiveKLController target must be > 0, got {target}")
+        if horizon <= 0:
+            raise ValueError(f"AdaptiveKLController horizon must be > 0, got {horizon}")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """A constant KL coefficient with the same interface as :class:`AdaptiveKLController`."""
+
+    def __init__(self, coef: float):
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:  # noqa: ARG002 - same interface
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])

@@ -1,0 +1,195 @@
+"""PPO for RLHF with a per-token KL penalty to the reference policy.
+
+One iteration, as in Ziegler et al. 2019 / Ouyang et al. 2022:
+
+1. sample a response for each prompt of a rollout batch (KV-cached, stops at EOS);
+2. score it: reward model (or gold), minus a penalty if it never emitted EOS;
+3. with the rollout-time policy, reference and value model: per-token log-probs and values;
+4. rewards = −β·(logπ − logπ_ref) per token, plus the score at the last token;
+5. GAE advantages (whitened) and returns;
+6. several epochs × mini-batches of the clipped policy loss + clipped value loss;
+7. the KL controller adapts β towards the target KL.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from tether.advantages import AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards
+from tether.config import PPOConfig
+from tether.data.tokenize import Encoder
+from tether.engine import Engine, MetricsLogger, progress_bar
+from tether.losses import ppo_policy_loss, value_loss
+from tether.models import reference_context, sequence_logprobs, token_scalars
+from tether.ops import entropy_from_logits, masked_mean, masked_whiten
+from tether.rollout import Rollout, generate
+
+__all__ = ["train_ppo", "make_kl_controller", "rollout_logprobs_and_values"]
+
+ScoreFn = Callable[[Rollout], torch.Tensor]
+GoldFn = Callable[[list, list], list]
+
+
+def make_kl_controller(cfg: PPOConfig):
+    if cfg.kl.controller == "adaptive":
+        return AdaptiveKLController(cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
+    return FixedKLController(cfg.kl.init_coef)
+
+
+def _chunks(n: int, size: int):
+    for b in range(0, n, size):
+        yield slice(b, min(n, b + size))
+
+
+@torch.no_grad()
+def rollout_logprobs_and_values(policy, reference, value_model, rollout: Rollout, chunk: int) -> dict:
+    """Rollout-time log-probs, reference log-probs, values and entropy, each [B, R]."""
+    ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.start
+    device = next(policy.parameters()).device
+    out = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    policy.eval()
+    value_model.eval()
+    for s in _chunks(len(rollout), chunk):
+        i, m = ids[s].to(device), mask[s].to(device)
+        logps, logits = sequence_logprobs(policy, i, m, start, return_logits=True)
+        out["logprobs"].append(logps)
+        out["entropy"].append(entropy_from_logits(logits))
+        with reference_context(policy, reference) as ref:
+            out["ref_logprobs"].append(sequence_logprobs(ref, i, m, start))
+        out["values"].append(token_scalars(value_model, i, m)[:, start - 1 : -1])
+    policy.train()
+    value_model.train()
+    return {k: torch.cat(v).cpu() for k, v in out.items()}
+
+
+def train_ppo(
+    policy,
+    value_model,
+    reference,
+    encoder: Encoder,
+    prompts: list,
+    score_fn: ScoreFn,
+    cfg: PPOConfig,
+    *,
+    seed: int = 0,
+    gold_fn: GoldFn | None = None,
+    logger: MetricsLogger | None = None,
+) -> dict:
+    """Optimise ``policy`` in place with PPO.
+
+    Args:
+        policy: causal LM (peft model under LoRA).
+        value_model: sequence-classification model whose head gives per-token values.
+        reference: frozen reference policy, or None to use ``policy`` with adapters disabled.
+        encoder: tokenisation shared by every model (same tokenizer).
+        prompts: training prompts, cycled in shuffled order.
+        score_fn: sequence scores [B] of a rollout (reward model or gold).
+        gold_fn: optional (prompts, texts) → gold scores, logged as ``reward/gold`` (never optimised).
+    """
+    kl_ctl = make_kl_controller(cfg)
+    updates_per_rollout = cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]
+    value_params = [p for p in value_model.parameters() if p.requires_grad]
+    groups.append({"params": value_params, "lr": cfg.value_lr or cfg.optim.lr})
+    engine = Engine(groups, cfg.optim, cfg.steps * updates_per_rollout)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(policy.parameters()).device
+    order: list[int] = []
+    history = []
+    start_time = time.time()
+    bar = progress_bar(cfg.steps, "ppo", unit="rollout")
+    for step in range(cfg.steps):
+        # 1. rollout
+        if len(order) < cfg.rollout_batch_size:
+            order += torch.randperm(len(prompts), generator=generator).tolist()
+        idx, order = order[: cfg.rollout_batch_size], order[cfg.rollout_batch_size :]
+        t0 = time.time()
+        rollout = generate(policy, encoder, [prompts[i] for i in idx], cfg.generation, seed=seed * 1_000_003 + step)
+        t_gen = time.time() - t0
+        mask = rollout.response_mask.float()
+
+        # 2.–3. scores, log-probs, values
+        scores = score_fn(rollout).float().cpu()
+        raw_scores = scores.clone()
+        if cfg.missing_eos_penalty:
+            scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
+        fwd = rollout_logprobs_and_values(policy, reference, value_model, rollout, cfg.micro_batch_size)
+        old_logprobs, ref_logprobs, old_values = fwd["logprobs"], fwd["ref_logprobs"], fwd["values"] * mask
+
+        # 4.–5. KL-penalised rewards, GAE
+        beta = kl_ctl.value
+        rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask) * mask
+        seq_kl = ((old_logprobs - ref_logprobs) * mask).sum(dim=1)
+
+        # 6. PPO epochs over mini-batches, gradient accumulation over micro-batches
+        stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "ppo/clipfrac",
+                                                         "ppo/approx_kl", "value/clipfrac", "optim/grad_norm")}
+        t0 = time.time()
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(rollout), generator=generator)
+            for mb in _chunks(len(rollout), cfg.mini_batch_size):
+                mb_idx = perm[mb]
+                for mc in _chunks(len(mb_idx), cfg.micro_batch_size):
+                    j = mb_idx[mc]
+                    ids = rollout.input_ids[j].to(device)
+                    att = rollout.attention_mask[j].to(device)
+                    m = mask[j].to(device)
+                    logps = sequence_logprobs(policy, ids, att, rollout.start)
+                    values = token_scalars(value_model, ids, att)[:, rollout.start - 1 : -1]
+                    pl, pstats = ppo_policy_loss(logps, old_logprobs[j].to(device), advantages[j].to(device), m, cfg.clip)
+                    vl, vstats = value_loss(values, old_values[j].to(device), returns[j].to(device), m, cfg.value_clip)
+                    weight = len(j) / len(mb_idx)
+                    ((pl + cfg.vf_coef * vl) * weight).backward()
+                    stats["loss/policy"].append(pl.detach().item())
+                    stats["loss/value"].append(vl.detach().item())
+                    stats["ppo/clipfrac"].append(float(pstats["clipfrac"]))
+                    stats["ppo/approx_kl"].append(float(pstats["approx_kl"]))
+                    stats["value/clipfrac"].append(float(vstats["clipfrac"]))
+                info = engine.step()
+                stats["optim/grad_norm"].append(info["grad_norm"])
+        t_train = time.time() - t0
+
+        # 7. adapt β
+        mean_kl = float(seq_kl.mean())
+        kl_ctl.update(mean_kl, len(rollout))
+
+        row = {
+            "reward/score": float(raw_scores.mean()),
+            "reward/penalised": float(scores.mean()),
+            "reward/kl_penalty": float((-beta * (old_logprobs - ref_logprobs) * mask).sum(1).mean()),
+            "kl/ref": mean_kl,
+            "kl/coef": beta,
+            "policy/entropy": float(masked_mean(fwd["entropy"], mask)),
+            "response/length": float(rollout.lengths.float().mean()),
+            "response/ended": float(rollout.ended.float().mean()),
+            "value/mean": float(masked_mean(old_values, mask)),
+            "returns/mean": float(masked_mean(returns, mask)),
+            "time/generate": t_gen,
+            "time/train": t_train,
+            **{k: sum(v) / max(len(v), 1) for k, v in stats.items()},
+        }
+        if gold_fn is not None:
+            gold = gold_fn(rollout.prompts, rollout.texts)
+            row["reward/gold"] = sum(gold) / len(gold)
+        if logger is not None:
+            logger.log(step, row)
+        history.append(row)
+        bar.set_postfix(score=f"{row['reward/score']:.3f}", kl=f"{mean_kl:.2f}",
+                        **({"gold": f"{row['reward/gold']:.3f}"} if "reward/gold" in row else {}))
+        bar.update(1)
+    bar.close()
+    return {
+        "steps": cfg.steps,
+        "seconds": time.time() - start_time,
+        "final_kl_coef": kl_ctl.value,
+        "skipped_steps": engine.skipped_steps,
+        "first": history[0] if history else {},
+        "last": history[-1] if history else {},
+    }

@@ -1,0 +1,154 @@
+"""Reward model: the SFT backbone with a scalar head, trained on rankings.
+
+Each ranking of K responses is one training example (InstructGPT's trick: all K responses
+go through the model once, and every one of the K(K−1)/2 comparisons is used). The loss is
+Bradley–Terry over all pairs (``ranking_pairwise_loss``) or Plackett–Luce over the full
+ranking. A pair ``chosen ≻ rejected`` is a ranking with K = 2.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from tether.config import RMConfig
+from tether.data.schemas import Ranking
+from tether.data.tokenize import Encoder, pad_right
+from tether.engine import Engine, MetricsLogger, progress_bar
+from tether.losses import plackett_luce_loss, ranking_pairwise_loss
+from tether.models import token_scalars
+
+__all__ = ["collate_rankings", "ranking_scores", "train_reward", "score_responses", "pairwise_accuracy"]
+
+RANKING_LOSSES = {"bradley_terry": ranking_pairwise_loss, "plackett_luce": plackett_luce_loss}
+
+
+def collate_rankings(encoder: Encoder, rankings: list[Ranking]) -> dict[str, torch.Tensor]:
+    """Flatten rankings (best first) into right-padded sequences.
+
+    Returns ``input_ids``/``attention_mask`` [N, L] for all responses, ``last`` [N] (index of
+    each sequence's final token), and ``slots`` [B, Kmax] (row into the N sequences, −1 for
+    padding) with ``slot_mask`` [B, Kmax].
+    """
+    seqs, slots = [], []
+    k_max = max(len(r.responses) for r in rankings)
+    for r in rankings:
+        row = []
+        for response in r.ranked():
+            p, resp = encoder.example(r.prompt, response)
+            row.append(len(seqs))
+            seqs.append(p + resp)
+        slots.append(row + [-1] * (k_max - len(row)))
+    input_ids, attention_mask = pad_right(seqs, encoder.pad_id)
+    slots_t = torch.tensor(slots, dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "last": attention_mask.sum(dim=1) - 1,
+        "slots": slots_t,
+        "slot_mask": slots_t >= 0,
+    }
+
+
+def ranking_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scores [B, Kmax] of a collated ranking batch (0 in padded slots)."""
+    per_token = token_scalars(model, batch["input_ids"], batch["attention_mask"])
+    seq = per_token[torch.arange(per_token.size(0), device=per_token.device), batch["last"]]
+    slots = batch["slots"].clamp(min=0)
+    return seq[slots] * batch["slot_mask"].to(seq.dtype)
+
+
+def _n_terms(batch: dict, loss: str) -> int:
+    k = batch["slot_mask"].sum(dim=1)
+    return int((k * (k - 1) // 2).sum()) if loss == "bradley_terry" else int(k.numel())
+
+
+def train_reward(
+    model,
+    encoder: Encoder,
+    rankings: list[Ranking],
+    cfg: RMConfig,
+    *,
+    seed: int = 0,
+    logger: MetricsLogger | None = None,
+    log_every: int = 10,
+) -> dict:
+    """Train the reward model in place on ``rankings``; returns a summary."""
+    optim = cfg.optim
+    loss_fn = RANKING_LOSSES[cfg.loss]
+    steps_per_epoch = max(1, len(rankings) // optim.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    engine = Engine(model.parameters(), optim, total)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    model.train()
+    order: list[int] = []
+    start_time, last = time.time(), {}
+    bar = progress_bar(total, "reward model")
+    for step in range(total):
+        if len(order) < optim.batch_size:
+            order += torch.randperm(len(rankings), generator=generator).tolist()
+        batch_idx, order = order[: optim.batch_size], order[optim.batch_size :]
+        micro = [
+            collate_rankings(encoder, [rankings[i] for i in batch_idx[j : j + optim.micro_batch_size]])
+            for j in range(0, len(batch_idx), optim.micro_batch_size)
+        ]
+        n_global = sum(_n_terms(m, cfg.loss) for m in micro)
+        loss_total, correct, pairs = 0.0, 0, 0
+        for m in micro:
+            m = {k: v.to(device) for k, v in m.items()}
+            scores = ranking_scores(model, m)
+            # each micro-batch's mean is re-weighted to its share of the global batch
+            loss = loss_fn(scores, m["slot_mask"]) * (_n_terms(m, cfg.loss) / n_global)
+            loss.backward()
+            loss_total += loss.detach().item()
+            with torch.no_grad():
+                i, j = torch.triu_indices(scores.size(1), scores.size(1), offset=1)
+                valid = m["slot_mask"][:, i] & m["slot_mask"][:, j]
+                correct += int(((scores[:, i] > scores[:, j]) & valid).sum())
+                pairs += int(valid.sum())
+        info = engine.step()
+        last = {"loss/rm": loss_total, "rm/train_accuracy": correct / max(pairs, 1),
+                **{f"optim/{k}": v for k, v in info.items()}}
+        if logger is not None and (step % log_every == 0 or step == total - 1):
+            logger.log(step, last)
+        bar.set_postfix(loss=f"{loss_total:.3f}", acc=f"{last['rm/train_accuracy']:.2f}")
+        bar.update(1)
+    bar.close()
+    return {"steps": total, "final_loss": last.get("loss/rm"), "skipped_steps": engine.skipped_steps,
+            "seconds": time.time() - start_time}
+
+
+@torch.no_grad()
+def score_responses(model, encoder: Encoder, prompts: list, responses: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Reward of each (prompt, response) text pair: [N] float32."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for b in range(0, len(prompts), batch_size):
+            seqs = []
+            for p, r in zip(prompts[b : b + batch_size], responses[b : b + batch_size]):
+                pi, ri = encoder.example(p, r)
+                seqs.append(pi + ri)
+            ids, mask = pad_right(seqs, encoder.pad_id)
+            per_token = token_scalars(model, ids.to(device), mask.to(device))
+            out.append(per_token[torch.arange(ids.size(0)), (mask.sum(1) - 1).to(device)].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pairwise_accuracy(scores: list[float], gold: list[float]) -> tuple[int, int]:
+    """(agreeing pairs, pairs) between two score lists over all pairs with distinct gold."""
+    agree = total = 0
+    for i in range(len(gold)):
+        for j in range(i + 1, len(gold)):
+            if gold[i] == gold[j]:
+                continue
+            total += 1
+            agree += (scores[i] - scores[j]) * (gold[i] - gold[j]) > 0
+    return agree, total

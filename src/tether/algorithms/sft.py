@@ -1,0 +1,95 @@
+"""Supervised fine-tuning on demonstrations: next-token loss on the response tokens only.
+
+Read top to bottom: batches of demonstrations → chat-templated prompt + response + EOS →
+``sft_loss`` over response tokens, normalised by the response-token count of the whole
+optimiser batch (so gradient accumulation equals one big batch) → ``engine.step()``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from tether.config import SFTConfig
+from tether.data.schemas import Demonstration
+from tether.data.tokenize import Encoder, pad_right
+from tether.engine import Engine, MetricsLogger, progress_bar
+from tether.losses import sft_loss
+from tether.models import policy_logits
+
+__all__ = ["collate_sft", "sft_micro_loss", "train_sft"]
+
+
+def collate_sft(encoder: Encoder, demos: list[Demonstration]) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` (1 on response tokens)."""
+    seqs, masks = [], []
+    for d in demos:
+        p, r = encoder.example(d.prompt, d.response)
+        seqs.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
+    input_ids, attention_mask = pad_right(seqs, encoder.pad_id)
+    loss_mask, _ = pad_right(masks, 0, width=input_ids.size(1))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def sft_micro_loss(model, batch: dict[str, torch.Tensor], normalizer: float | None = None) -> torch.Tensor:
+    """SFT loss of one micro-batch; ``normalizer`` = response tokens of the whole optimiser batch."""
+    logits = policy_logits(model, batch["input_ids"], batch["attention_mask"])
+    return sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:], normalizer=normalizer)
+
+
+def train_sft(
+    model,
+    encoder: Encoder,
+    demos: list[Demonstration],
+    cfg: SFTConfig,
+    *,
+    seed: int = 0,
+    logger: MetricsLogger | None = None,
+    log_every: int = 10,
+) -> dict:
+    """Train ``model`` in place; returns a summary (steps, final loss, throughput)."""
+    optim = cfg.optim
+    steps_per_epoch = max(1, len(demos) // optim.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    engine = Engine(model.parameters(), optim, total)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    model.train()
+
+    order: list[int] = []
+    tokens_seen, start_time, last = 0, time.time(), {}
+    bar = progress_bar(total, "sft")
+    for step in range(total):
+        if len(order) < optim.batch_size:
+            order += torch.randperm(len(demos), generator=generator).tolist()
+        batch_idx, order = order[: optim.batch_size], order[optim.batch_size :]
+        micro = [
+            collate_sft(encoder, [demos[i] for i in batch_idx[j : j + optim.micro_batch_size]])
+            for j in range(0, len(batch_idx), optim.micro_batch_size)
+        ]
+        n_tokens = sum(int(m["loss_mask"][:, 1:].sum()) for m in micro)
+        loss_total = 0.0
+        for m in micro:
+            m = {k: v.to(device) for k, v in m.items()}
+            loss = sft_micro_loss(model, m, normalizer=n_tokens)
+            loss.backward()
+            loss_total += loss.detach().item()
+        info = engine.step()
+        tokens_seen += n_tokens
+        last = {"loss/sft": loss_total, "tokens": n_tokens, **{f"optim/{k}": v for k, v in info.items()}}
+        if logger is not None and (step % log_every == 0 or step == total - 1):
+            logger.log(step, last)
+        bar.set_postfix(loss=f"{loss_total:.3f}")
+        bar.update(1)
+    bar.close()
+    elapsed = time.time() - start_time
+    return {
+        "steps": total,
+        "final_loss": last.get("loss/sft"),
+        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+        "skipped_steps": engine.skipped_steps,
+        "seconds": elapsed,
+    }

@@ -1,0 +1,485 @@
+"""Configuration: nested dataclasses, YAML presets and dotted overrides.
+
+Every field carries a one-line help text (``field(metadata={"help": ...})``) and each
+section validates itself in ``__post_init__``. Unknown keys are errors that name the
+closest valid key, so ``--ppo.kl.taget 6`` fails with "did you mean 'ppo.kl.target'?".
+
+    cfg = load_config("my.yaml", preset="tiny", overrides=["ppo.kl.target=6", "seed=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "load_config",
+    "config_to_dict",
+    "list_presets",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key (and file) in the message."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - 'help' reads best here
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _sub(cls: type, help: str) -> Any:  # noqa: A002
+    return field(default_factory=cls, metadata={"help": help})
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("tiny", "Model: a zoo name (`tether models list`), a local folder, or a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Parameter dtype for training.")
+    max_length: int = _f(128, "Longest prompt + response in tokens; longer prompts are cut from the left.")
+    max_prompt_length: int = _f(96, "Longest prompt in tokens (cut from the left, counted as a warning).")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must not be empty")
+        _check(self.max_length > 1, "model.max_length", f"must be > 1, got {self.max_length}")
+        _check(
+            0 < self.max_prompt_length < self.max_length,
+            "model.max_prompt_length",
+            f"must be in (0, model.max_length={self.max_length}), got {self.max_prompt_length}",
+        )
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    target_modules: str = _f("all-linear", "Modules to adapt: 'all-linear' or a comma-separated list of names.")
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("tiny", "Built-in task with a gold score: 'tiny' (synthetic topic-words task).")
+    n_heldout: int = _f(128, "Held-out prompts (never trained on) for evaluation and RM accuracy.")
+    n_demos: int = _f(2000, "SFT demonstrations the task writes when data.demos is not given.")
+
+    def __post_init__(self) -> None:
+        _check(self.n_heldout > 0, "task.n_heldout", "must be > 0")
+        _check(self.n_demos > 0, "task.n_demos", "must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    warmup_ratio: float = _f(0.0, "Share of the steps spent in linear warm-up.")
+    scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warm-up.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
+    batch_size: int = _f(32, "Examples per optimiser step (the global batch).")
+    micro_batch_size: int = _f(32, "Examples per forward pass; batch_size / micro_batch_size = accumulation steps.")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
+        _check(self.batch_size > 0 and self.micro_batch_size > 0, "optim.batch_size", "must be > 0")
+        _check(
+            self.batch_size % self.micro_batch_size == 0,
+            "optim.micro_batch_size",
+            f"must divide batch_size ({self.batch_size}), got {self.micro_batch_size}",
+        )
+        _check(len(self.betas) == 2, "optim.betas", "must be two numbers")
+
+
+@dataclass
+class SFTConfig:
+    demos: Optional[str] = _f(None, "JSONL of demonstrations (prompt, response); default: the task writes them.")
+    epochs: float = _f(3.0, "Passes over the demonstrations.")
+    max_steps: int = _f(0, "Stop after this many optimiser steps (0 = use epochs).")
+    optim: OptimConfig = _sub(OptimConfig, "Optimiser for SFT.")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "sft.epochs", "must be > 0")
+        _check(self.max_steps >= 0, "sft.max_steps", "must be >= 0")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(16, "Longest response in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = _f(1.0, "Nucleus sampling mass.")
+    top_k: int = _f(0, "Top-k sampling (0 = off).")
+    batch_size: int = _f(64, "Prompts per generate() call.")
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
+        _check(self.temperature >= 0, "generation.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+
+
+@dataclass
+class PrefsConfig:
+    path: Optional[str] = _f(None, "JSONL of rankings/pairs; default: sample from the SFT policy and label with simulated labelers.")
+    n_prompts: int = _f(400, "Training prompts to collect rankings for.")
+    k: int = _f(4, "Responses per prompt that a labeler ranks.")
+    n_labelers: int = _f(6, "Simulated labelers (rater ids labeler-0 ...).")
+    overlap: float = _f(0.25, "Share of prompts ranked by several labelers (for agreement statistics).")
+    labelers_per_item: int = _f(3, "Labelers on each overlapping prompt.")
+    target_agreement: float = _f(0.72, "Pairwise agreement of two simulated labelers; sets their Bradley-Terry noise.")
+    heldout_prompts: int = _f(64, "Held-out prompts whose K samples give the RM's held-out pairs.")
+    generation: GenerationConfig = _sub(GenerationConfig, "Sampling of the K responses.")
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 2, "prefs.k", f"must be >= 2, got {self.k}")
+        _check(self.n_prompts > 0, "prefs.n_prompts", "must be > 0")
+        _check(self.n_labelers >= 1, "prefs.n_labelers", "must be >= 1")
+        _check(0.0 <= self.overlap <= 1.0, "prefs.overlap", "must be in [0, 1]")
+        _check(
+            1 <= self.labelers_per_item <= self.n_labelers,
+            "prefs.labelers_per_item",
+            f"must be in [1, n_labelers={self.n_labelers}]",
+        )
+        _check(0.5 < self.target_agreement < 1.0, "prefs.target_agreement", "must be in (0.5, 1)")
+
+
+@dataclass
+class RMConfig:
+    loss: Literal["bradley_terry", "plackett_luce"] = _f(
+        "bradley_terry", "Ranking loss: BT over all K(K-1)/2 pairs (InstructGPT) or Plackett-Luce."
+    )
+    epochs: float = _f(2.0, "Passes over the rankings.")
+    max_steps: int = _f(0, "Stop after this many optimiser steps (0 = use epochs).")
+    optim: OptimConfig = _sub(OptimConfig, "Optimiser for the reward model (batch = rankings).")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "rm.epochs", "must be > 0")
+
+
+@dataclass
+class KLConfig:
+    controller: Literal["adaptive", "fixed"] = _f("adaptive", "Adaptive (Ziegler et al. 2019) or fixed KL coefficient.")
+    init_coef: float = _f(0.05, "Initial KL coefficient beta.")
+    target: float = _f(6.0, "Target KL (nats per sequence) for the adaptive controller.")
+    horizon: int = _f(10000, "Adaptive controller horizon (in samples).")
+
+    def __post_init__(self) -> None:
+        _check(self.init_coef >= 0, "ppo.kl.init_coef", "must be >= 0")
+        _check(self.target > 0, "ppo.kl.target", "must be > 0")
+        _check(self.horizon > 0, "ppo.kl.horizon", "must be > 0")
+
+
+@dataclass
+class PPOConfig:
+    steps: int = _f(40, "Rollout batches (each followed by PPO updates).")
+    rollout_batch_size: int = _f(64, "Responses sampled per rollout batch.")
+    mini_batch_size: int = _f(16, "Responses per optimiser step within a rollout batch.")
+    micro_batch_size: int = _f(16, "Responses per forward pass (gradient accumulation inside a mini-batch).")
+    epochs: int = _f(4, "PPO epochs over each rollout batch.")
+    clip: float = _f(0.2, "Policy ratio clip epsilon.")
+    value_clip: float = _f(0.2, "Value clip around the rollout-time values.")
+    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    gamma: float = _f(1.0, "Discount.")
+    lam: float = _f(0.95, "GAE lambda.")
+    whiten_rewards: bool = _f(False, "Whiten the per-token rewards (scale only) before GAE.")
+    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of a response cut off before EOS (0 = off).")
+    value_init: Literal["rm", "sft"] = _f("rm", "Initialise the value model from the reward model (InstructGPT) or the SFT policy.")
+    value_lr: float = _f(0.0, "Learning rate of the value model (0 = same as optim.lr).")
+    reward: Literal["rm", "gold"] = _f("rm", "Optimise the reward model's score or the task's gold score.")
+    kl: KLConfig = _sub(KLConfig, "KL penalty to the reference (SFT) policy.")
+    generation: GenerationConfig = _sub(GenerationConfig, "Rollout sampling.")
+    optim: OptimConfig = _sub(OptimConfig, "Policy optimiser (batch sizes are taken from this section).")
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "ppo.steps", "must be > 0")
+        _check(self.epochs > 0, "ppo.epochs", "must be > 0")
+        _check(
+            self.rollout_batch_size % self.mini_batch_size == 0,
+            "ppo.mini_batch_size",
+            f"must divide rollout_batch_size ({self.rollout_batch_size})",
+        )
+        _check(
+            self.mini_batch_size % self.micro_batch_size == 0,
+            "ppo.micro_batch_size",
+            f"must divide mini_batch_size ({self.mini_batch_size})",
+        )
+        _check(0 < self.clip < 1, "ppo.clip", "must be in (0, 1)")
+        _check(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "ppo.lam", "gamma and lam must be in [0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    n_prompts: int = _f(128, "Held-out prompts to evaluate each policy on.")
+    samples_per_prompt: int = _f(2, "Sampled responses per prompt (the standard error is over prompts).")
+    policies: list = _f(["base", "sft", "ppo"], "Policies to evaluate: base, sft, ppo.")
+    generation: GenerationConfig = _sub(GenerationConfig, "Sampling for evaluation.")
+
+    def __post_init__(self) -> None:
+        _check(self.n_prompts > 1, "eval.n_prompts", "must be > 1")
+        _check(self.samples_per_prompt > 0, "eval.samples_per_prompt", "must be > 0")
+        bad = [p for p in self.policies if p not in ("base", "sft", "ppo")]
+        _check(not bad, "eval.policies", f"unknown policies {bad}; choose from base, sft, ppo")
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "Seed for every random choice of the run.")
+    out: str = _f("", "Run directory (default: runs/<preset>).")
+    preset: str = _f("default", "Name of the preset this config started from (informational).")
+    stages: list = _f(["data", "sft", "prefs", "rm", "ppo", "eval"], "Stages to run, in order.")
+    threads: int = _f(0, "torch CPU threads (0 = torch's default).")
+    model: ModelConfig = _sub(ModelConfig, "The policy's model.")
+    lora: LoRAConfig = _sub(LoRAConfig, "LoRA adapters for every stage.")
+    task: TaskConfig = _sub(TaskConfig, "Built-in task (prompts, gold score, demonstrations).")
+    sft: SFTConfig = _sub(SFTConfig, "Supervised fine-tuning.")
+    prefs: PrefsConfig = _sub(PrefsConfig, "Preference collection.")
+    rm: RMConfig = _sub(RMConfig, "Reward model.")
+    ppo: PPOConfig = _sub(PPOConfig, "PPO with a KL penalty to the SFT policy.")
+    eval: EvalConfig = _sub(EvalConfig, "Held-out evaluation of every policy.")
+
+    def __post_init__(self) -> None:
+        known = ("data", "sft", "prefs", "rm", "ppo", "eval")
+        bad = [s for s in self.stages if s not in known]
+        _check(not bad, "stages", f"unknown stages {bad}; choose from {', '.join(known)}")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{hint}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(value, str) and tp in (int, float):
+        try:
+            value = float(value) if tp is float or any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        hints = typing.get_type_hints(cls)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_valid_keys(hints[f.name], name + "."))
+    return keys
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _valid_keys(RunConfig), n=1, cutoff=0.5)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    where = f" in {source}" if source else ""
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}{' in ' + source if source else ''}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key_error(prefix + str(key), source)
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, prefix + name + ".", source)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if source:
+            raise ConfigError(f"{exc} (in {source})") from None
+        raise
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts (for YAML / JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path | str, text: str | None = None) -> dict:
+    try:
+        raw = text if text is not None else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def list_presets() -> list[str]:
+    """Names of the built-in presets (``tether/configs/*.yaml``)."""
+    folder = resources.files("tether") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_dict(name: str) -> dict:
+    folder = resources.files("tether") / "configs"
+    entry = folder / f"{name}.yaml"
+    if not entry.is_file():
+        near = difflib.get_close_matches(name, list_presets(), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"unknown preset '{name}'{hint}; presets: {', '.join(list_presets())}")
+    return _read_yaml(f"preset {name}", entry.read_text(encoding="utf-8"))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'ppo.kl.target=6'`` → ``('ppo.kl.target', 6)``; values are read as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested dict (checked later against the dataclasses)."""
+    out = _deep_merge({}, data)
+    for item in overrides:
+        key, value = parse_override(item)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Build a :class:`RunConfig`: dataclass defaults ← preset ← YAML file ← overrides.
+
+    The preset is ``preset``, else the file's own ``preset:`` key, else ``default``.
+    """
+    file_data = _read_yaml(path) if path else {}
+    name = preset or file_data.get("preset") or "default"
+    data = _deep_merge(_preset_dict(name), file_data)
+    data["preset"] = name
+    data = apply_overrides(data, overrides or [])
+    source = str(path) if path else ""
+    return _build(RunConfig, data, "", source)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a config from :func:`config_to_dict` output (e.g. a run's config.yaml)."""
+    return _build(RunConfig, data, "", "")
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for ``tether config --help``-style listings."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    default_obj = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, prefix + f.name + "."))
+        else:
+            rows.append((prefix + f.name, repr(getattr(default_obj, f.name)), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,113 @@
+"""Prompt and response tokenisation, truncation and padding.
+
+A prompt is rendered with the tokenizer's chat template (``add_generation_prompt=True``);
+the response is tokenised on its own and followed by EOS. Concatenating the two is exactly
+what the policy sees when it generates, so SFT, reward scoring and PPO agree on token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Encoder", "TruncationStats", "pad_right", "pad_left"]
+
+
+@dataclass
+class TruncationStats:
+    prompts_cut: int = 0
+    responses_cut: int = 0
+    seen: int = 0
+    examples: list = field(default_factory=list)
+
+    def summary(self) -> str | None:
+        if not (self.prompts_cut or self.responses_cut):
+            return None
+        return (
+            f"truncated {self.prompts_cut} of {self.seen} prompts (from the left) and "
+            f"{self.responses_cut} responses (from the right) to fit the context"
+        )
+
+
+class Encoder:
+    """Turns prompts and responses into token ids under a length budget."""
+
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.stats = TruncationStats()
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before training")
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def prompt_ids(self, prompt) -> list[int]:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if self.has_template:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            # No chat template: plain "role: content" lines, documented in the README.
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = list(ids)
+        self.stats.seen += 1
+        if len(ids) > self.max_prompt_length:
+            self.stats.prompts_cut += 1
+            ids = ids[-self.max_prompt_length :]
+        return ids
+
+    def response_ids(self, response: str, budget: int) -> list[int]:
+        ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"]) + [self.eos_id]
+        if len(ids) > budget:
+            self.stats.responses_cut += 1
+            ids = ids[:budget]
+        return ids
+
+    def example(self, prompt, response: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids incl. EOS) within ``max_length`` tokens."""
+        p = self.prompt_ids(prompt)
+        r = self.response_ids(response, self.max_length - len(p))
+        return p, r
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into ``(ids [B, W], mask [B, W])``."""
+    width = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into ``(ids [B, W], mask [B, W])`` (prompts for generation)."""
+    width = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask

@@ -1,0 +1,145 @@
+"""The one optimiser loop every stage uses: AdamW, warm-up + schedule, gradient clipping,
+a guard against non-finite steps, metric logging (JSONL + console) and progress bars.
+
+Algorithms own their data loops; they call ``engine.step()`` once per optimiser step after
+``backward`` on each micro-batch (gradient accumulation is the algorithm's loop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from tether.config import OptimConfig
+
+__all__ = ["Engine", "MetricsLogger", "NonFiniteError", "progress_bar"]
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after too many optimiser steps in a row had a non-finite loss or gradient."""
+
+
+def progress_bar(total: int, desc: str, unit: str = "step"):
+    """A tqdm progress bar with ETA (quiet when not a terminal and TETHER_QUIET is set)."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True,
+                disable=os.environ.get("TETHER_QUIET") == "1")
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self._fh = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self.history: list[dict] = []
+
+    def log(self, step: int, metrics: dict) -> dict:
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().item()
+            if isinstance(value, float) and not math.isfinite(value):
+                value = str(value)
+            row[key] = value
+        self.history.append(row)
+        if self._fh is not None:
+            self._fh.write(json.dumps(row) + "\n")
+            self._fh.flush()
+        return row
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _schedule(cfg: OptimConfig, total_steps: int):
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if cfg.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Engine:
+    """Owns the optimiser and scheduler of one stage.
+
+    Args:
+        params: parameters or param-group dicts (as for ``torch.optim.AdamW``).
+        cfg: learning rate, schedule, clipping.
+        total_steps: optimiser steps planned (for the schedule).
+        max_bad_steps: raise :class:`NonFiniteError` after this many non-finite steps in a row.
+    """
+
+    def __init__(self, params: Iterable, cfg: OptimConfig, total_steps: int, *, max_bad_steps: int = 5):
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            groups = params
+        else:
+            groups = [{"params": [p for p in params if p.requires_grad]}]
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params:
+            raise ValueError("no trainable parameters")
+        self.cfg = cfg
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg, max(1, total_steps)))
+        self.total_steps = total_steps
+        self.step_count = 0
+        self.bad_steps_in_row = 0
+        self.skipped_steps = 0
+        self.max_bad_steps = max_bad_steps
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self) -> dict:
+        """Clip, check, step the optimiser and scheduler, zero the gradients.
+
+        Returns ``{"grad_norm", "lr", "skipped"}``. A step whose gradient is not finite is
+        skipped (gradients dropped, weights untouched) and counted.
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.tensor(0.0)
+        norm_value = float(norm)
+        lr = self.lr
+        if not math.isfinite(norm_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps_in_row += 1
+            self.skipped_steps += 1
+            if self.bad_steps_in_row >= self.max_bad_steps:
+                raise NonFiniteError(
+                    f"{self.bad_steps_in_row} optimiser steps in a row had a non-finite gradient; "
+                    "stopping (lower the learning rate, or check the data for empty/huge inputs)"
+                )
+            return {"grad_norm": norm_value, "lr": lr, "skipped": 1}
+        self.bad_steps_in_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return {"grad_norm": norm_value, "lr": lr, "skipped": 0}

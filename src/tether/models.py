@@ -1,0 +1,208 @@
+"""Loading policies, reference, reward and value models, and the forward passes they share.
+
+Policies are ``AutoModelForCausalLM``; reward and value models are
+``AutoModelForSequenceClassification(num_labels=1)`` on the same backbone, initialised from
+a causal-LM checkpoint (the SFT policy). With LoRA the trainable model is a peft model and
+the reference is the same model with its adapters disabled (no second copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tether.config import LoRAConfig, ModelConfig
+from tether.ops import token_logprobs
+from tether.zoo import resolve_model
+
+__all__ = [
+    "load_tokenizer",
+    "load_policy",
+    "load_scalar_model",
+    "frozen_copy",
+    "reference_context",
+    "policy_logits",
+    "sequence_logprobs",
+    "token_scalars",
+    "save_checkpoint",
+    "position_ids_from_mask",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _lora_config(lora: LoRAConfig, task_type: str):
+    from peft import LoraConfig
+
+    targets = lora.target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type=task_type,
+    )
+
+
+def load_policy(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None = None, *, trainable: bool = True):
+    """A causal LM from a zoo name, folder or hub id; wrapped with LoRA when ``lora.enabled``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=_DTYPES[model_cfg.dtype])
+    if lora is not None and lora.enabled and trainable:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(lora, "CAUSAL_LM"))
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def load_scalar_model(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None = None, *, pad_token_id: int | None = None):
+    """A reward/value model: ``AutoModelForSequenceClassification(num_labels=1)``.
+
+    Loaded from a causal-LM checkpoint the backbone weights are reused and the scalar head
+    (``score``) starts from a small random init; from a reward checkpoint everything loads.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights newly initialised" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(name), num_labels=1, dtype=_DTYPES[model_cfg.dtype]
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if lora is not None and lora.enabled:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(lora, "SEQ_CLS"))
+    return model
+
+
+def frozen_copy(model):
+    """A frozen deep copy (the reference policy when training all weights)."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+@contextlib.contextmanager
+def reference_context(policy, reference):
+    """Yields the model to use as the reference: ``reference``, or — when it is None and
+    ``policy`` is a peft model — ``policy`` itself with its adapters disabled."""
+    if reference is not None:
+        yield reference
+        return
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError("no reference model given and the policy has no LoRA adapters to disable")
+    with policy.disable_adapter():
+        yield policy
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: cumsum(mask) − 1, clamped at 0. [B, L]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def policy_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits [B, L, V] of a causal LM, with position ids that respect left padding."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.logits
+
+
+def sequence_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, *, return_logits: bool = False
+):
+    """Log-probs of tokens ``input_ids[:, start:]`` under ``model``, shape [B, L − start].
+
+    ``start`` is the column where the responses begin (prompts left-padded to ``start``).
+    With ``return_logits`` also returns the aligned logits [B, L − start, V].
+    """
+    logits = policy_logits(model, input_ids, attention_mask)[:, start - 1 : -1]
+    logps = token_logprobs(logits, input_ids[:, start:])
+    return (logps, logits) if return_logits else logps
+
+
+def _unwrap(model):
+    """The transformers model under a peft wrapper (adapters stay active in place)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar head applied at every position of a sequence-classification model: [B, L].
+
+    Used for values (every position) and rewards (gathered at the last token), without
+    relying on the model's own pad-token pooling (which breaks when pad == eos).
+    """
+    inner = _unwrap(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no 'score' head; use a decoder model whose "
+                         "AutoModelForSequenceClassification class names its head 'score'")
+    return head(hidden).squeeze(-1).float()
+
+
+def save_checkpoint(model, tokenizer, dest: str | Path) -> Path:
+    """Save a plain HF checkpoint (weights + config + tokenizer) atomically.
+
+    peft models are merged into their base weights first, so transformers alone loads
+    the result. Written into a temporary folder beside ``dest`` and renamed into place.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    to_save = model
+    if hasattr(model, "merge_and_unload"):
+        to_save = copy.deepcopy(model).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        to_save.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,384 @@
+"""The pipeline: stages in order, one folder per stage, skip what is done.
+
+``DIR/<stage>/`` holds the stage's artifacts (an HF ``checkpoint/`` for model stages,
+``config.yaml``, ``metrics.jsonl``) and, written last, ``stage.json`` with its results. A
+stage with a ``stage.json`` is skipped on the next run; a stage without one (cut off) is
+started again from a clean folder. ``DIR/summary.json`` is rewritten after every stage.
+
+Stages: data → sft → prefs → rm → ppo → eval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from tether.config import RunConfig, config_to_dict
+from tether.data.io import write_json, write_jsonl
+from tether.data.schemas import Ranking, load_demonstrations, load_rankings
+from tether.data.tokenize import Encoder
+from tether.engine import MetricsLogger
+
+log = logging.getLogger("tether")
+
+__all__ = ["Pipeline", "run_pipeline", "STAGES"]
+
+STAGES = ("data", "sft", "prefs", "rm", "ppo", "eval")
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg)
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.dir = Path(out_dir or cfg.out or f"runs/{cfg.preset}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        from tether.tasks import get_task
+
+        self.task = get_task(cfg.task.name, n_heldout=cfg.task.n_heldout)
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ helpers
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / stage
+
+    def is_done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / "stage.json").is_file()
+
+    def result(self, stage: str) -> dict:
+        path = self.stage_dir(stage) / "stage.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def checkpoint(self, stage: str) -> str:
+        path = self.stage_dir(stage) / "checkpoint"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint; run the '{stage}' stage first")
+        return str(path)
+
+    def encoder(self) -> Encoder:
+        if self._tokenizer is None:
+            from tether.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.cfg.model.name)
+        return Encoder(self._tokenizer, self.cfg.model.max_length, self.cfg.model.max_prompt_length)
+
+    def _seed(self, offset: int) -> int:
+        seed = self.cfg.seed * 1000 + offset
+        random.seed(seed)
+        torch.manual_seed(seed)
+        return seed
+
+    # ------------------------------------------------------------------ running
+    def run(self, stages: list[str] | None = None) -> dict:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        stages = stages or list(self.cfg.stages)
+        write_json(self.dir / "config.json", config_to_dict(self.cfg))
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        for stage in stages:
+            if self.is_done(stage):
+                _say(f"[dim]• {stage}: done already ({self.stage_dir(stage)}), skipped[/dim]")
+                continue
+            folder = self.stage_dir(stage)
+            if folder.exists():
+                shutil.rmtree(folder)  # a stage cut off earlier starts again from scratch
+            folder.mkdir(parents=True)
+            (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            _say(f"[bold]• {stage}[/bold]")
+            t0 = time.time()
+            result = getattr(self, f"stage_{stage}")(folder)
+            result["seconds"] = round(time.time() - t0, 2)
+            write_json(folder / "stage.json", result)
+            self.write_summary()
+        return self.write_summary()
+
+    # ------------------------------------------------------------------ stages
+    def stage_data(self, folder: Path) -> dict:
+        cfg = self.cfg
+        if cfg.sft.demos:
+            demos = [{"prompt": d.prompt, "response": d.response} for d in load_demonstrations(cfg.sft.demos)]
+            source = cfg.sft.demos
+        else:
+            demos = self.task.demonstrations(cfg.task.n_demos, seed=self._seed(1))
+            source = f"task:{self.task.name}"
+        write_jsonl(folder / "demos.jsonl", demos)
+        write_jsonl(folder / "prompts_train.jsonl", [{"prompt": p} for p in self.task.train_prompts()])
+        write_jsonl(folder / "prompts_heldout.jsonl", [{"prompt": p} for p in self.task.heldout_prompts()])
+        return {
+            "demos": len(demos),
+            "demos_source": source,
+            "train_prompts": len(self.task.train_prompts()),
+            "heldout_prompts": len(self.task.heldout_prompts()),
+        }
+
+    def stage_sft(self, folder: Path) -> dict:
+        from tether.algorithms.sft import train_sft
+        from tether.models import load_policy, save_checkpoint
+
+        cfg = self.cfg
+        seed = self._seed(2)
+        demos = load_demonstrations(self.stage_dir("data") / "demos.jsonl")
+        encoder = self.encoder()
+        model = load_policy(cfg.model.name, cfg.model, cfg.lora)
+        logger = MetricsLogger(folder / "metrics.jsonl")
+        result = train_sft(model, encoder, demos, cfg.sft, seed=seed, logger=logger)
+        logger.close()
+        save_checkpoint(model, encoder.tokenizer, folder / "checkpoint")
+        if (msg := encoder.stats.summary()):
+            _say(f"[yellow]warning: {msg}[/yellow]")
+        result["truncation"] = {"prompts_cut": encoder.stats.prompts_cut, "responses_cut": encoder.stats.responses_cut}
+        return result
+
+    def stage_prefs(self, folder: Path) -> dict:
+        cfg, p = self.cfg, self.cfg.prefs
+        if p.path:
+            return self._prefs_from_file(folder, p.path)
+        from tether.feedback.simulated import (
+            SimulatedLabeler,
+            calibrate_temperature,
+            percent_agreement_pairs,
+        )
+        from tether.algorithms.reward import pairwise_accuracy
+        from tether.models import load_policy
+        from tether.rollout import generate
+
+        seed = self._seed(3)
+        rng = random.Random(seed)
+        encoder = self.encoder()
+        policy = load_policy(self.checkpoint("sft"), cfg.model, trainable=False)
+        train = self.task.train_prompts()
+        prompts = [train[i % len(train)] for i in rng.sample(range(max(len(train), p.n_prompts)), p.n_prompts)]
+        heldout = self.task.heldout_prompts()[: p.heldout_prompts]
+
+        def sample_groups(plist: list, s: int) -> list[dict]:
+            rollout = generate(policy, encoder, [q for q in plist for _ in range(p.k)], p.generation, seed=s)
+            groups = []
+            for i, q in enumerate(plist):
+                texts = rollout.texts[i * p.k : (i + 1) * p.k]
+                groups.append({"prompt": q, "responses": texts, "gold": self.task.gold_batch([q] * p.k, texts)})
+            return groups
+
+        groups = sample_groups(prompts, seed)
+        heldout_groups = sample_groups(heldout, seed + 1)
+
+        gaps = [abs(g["gold"][i] - g["gold"][j]) for g in groups for i in range(p.k) for j in range(i + 1, p.k)]
+        tau, expected = calibrate_temperature(gaps, p.target_agreement)
+        if expected < p.target_agreement - 0.02:
+            _say(f"[yellow]warning: labelers can agree on at most {expected:.2f} of pairs here "
+                 f"(ties in gold); target was {p.target_agreement}[/yellow]")
+        labelers = [SimulatedLabeler(f"labeler-{i}", tau, seed * 7919 + i) for i in range(p.n_labelers)]
+
+        rankings, agree, compared = [], 0, 0
+        n_overlap = int(round(p.overlap * len(groups)))
+        for gi, g in enumerate(groups):
+            raters = rng.sample(labelers, p.labelers_per_item) if gi < n_overlap else [rng.choice(labelers)]
+            orders = []
+            for lab in raters:
+                order = lab.rank(g["gold"])
+                orders.append(order)
+                rankings.append({"prompt": g["prompt"], "responses": g["responses"], "ranking": order,
+                                 "rater": lab.rater_id, "item": gi})
+            for a in range(len(orders)):
+                for b in range(a + 1, len(orders)):
+                    x, n = percent_agreement_pairs(orders[a], orders[b])
+                    agree += x
+                    compared += n
+        rng.shuffle(rankings)
+        # the simulated labelers' own accuracy on the held-out pairs, beside the RM's later
+        lab_agree = lab_total = 0
+        judge = labelers[0]
+        for g in heldout_groups:
+            order = judge.rank(g["gold"])
+            rank_score = [0.0] * p.k
+            for r, item in enumerate(order):
+                rank_score[item] = -r
+            x, n = pairwise_accuracy(rank_score, g["gold"])
+            lab_agree += x
+            lab_total += n
+        write_jsonl(folder / "rankings.jsonl", rankings)
+        from tether.data.schemas import parse_ranking, rankings_to_pairs
+
+        write_jsonl(folder / "pairs.jsonl", rankings_to_pairs([parse_ranking(r, allow_empty_responses=True) for r in rankings]))
+        write_jsonl(folder / "heldout.jsonl", heldout_groups)
+        gold_all = [x for g in groups for x in g["gold"]]
+        return {
+            "source": "simulated",
+            "rankings": len(rankings),
+            "prompts": len(groups),
+            "k": p.k,
+            "pairs": len(rankings) * p.k * (p.k - 1) // 2,
+            "labelers": p.n_labelers,
+            "overlap_items": n_overlap,
+            "labeler_tau": tau,
+            "labeler_agreement_expected": expected,
+            "labeler_agreement": agree / compared if compared else None,
+            "labeler_agreement_pairs": compared,
+            "labeler_heldout_accuracy": lab_agree / lab_total if lab_total else None,
+            "heldout_groups": len(heldout_groups),
+            "sample_gold_mean": sum(gold_all) / len(gold_all),
+        }
+
+    def _prefs_from_file(self, folder: Path, path: str) -> dict:
+        rankings = load_rankings(path)
+        rng = random.Random(self._seed(3))
+        rng.shuffle(rankings)
+        n_held = max(1, len(rankings) // 10) if len(rankings) >= 10 else 0
+        held, train = rankings[:n_held], rankings[n_held:]
+
+        def as_record(r: Ranking) -> dict:
+            return {"prompt": r.prompt, "responses": r.responses, "ranking": r.order, "rater": r.rater}
+
+        write_jsonl(folder / "rankings.jsonl", [as_record(r) for r in train])
+        # held-out rankings: their label order plays the part of gold (higher = better)
+        write_jsonl(folder / "heldout.jsonl", [
+            {"prompt": r.prompt, "responses": r.responses,
+             "gold": [float(-r.order.index(i)) for i in range(len(r.responses))]}
+            for r in held
+        ])
+        return {"source": path, "rankings": len(train), "heldout_groups": len(held)}
+
+    def stage_rm(self, folder: Path) -> dict:
+        from tether.algorithms.reward import pairwise_accuracy, score_responses, train_reward
+        from tether.data.io import read_jsonl
+        from tether.models import load_scalar_model, save_checkpoint
+
+        cfg = self.cfg
+        seed = self._seed(4)
+        encoder = self.encoder()
+        rankings = load_rankings(self.stage_dir("prefs") / "rankings.jsonl", allow_empty_responses=True)
+        model = load_scalar_model(self.checkpoint("sft"), cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
+        logger = MetricsLogger(folder / "metrics.jsonl")
+        result = train_reward(model, encoder, rankings, cfg.rm, seed=seed, logger=logger)
+        # held-out pairwise accuracy against the gold order
+        groups = [rec for _, rec in read_jsonl(self.stage_dir("prefs") / "heldout.jsonl")]
+        agree = total = 0
+        if groups:
+            prompts = [g["prompt"] for g in groups for _ in g["responses"]]
+            responses = [r for g in groups for r in g["responses"]]
+            scores = score_responses(model, encoder, prompts, responses).tolist()
+            pos = 0
+            for g in groups:
+                k = len(g["responses"])
+                x, n = pairwise_accuracy(scores[pos : pos + k], g["gold"])
+                agree, total, pos = agree + x, total + n, pos + k
+        result["heldout_accuracy"] = agree / total if total else None
+        result["heldout_pairs"] = total
+        logger.log(result["steps"], {"rm/heldout_accuracy": result["heldout_accuracy"]})
+        logger.close()
+        save_checkpoint(model, encoder.tokenizer, folder / "checkpoint")
+        return result
+
+    def stage_ppo(self, folder: Path) -> dict:
+        from tether.algorithms.ppo import train_ppo
+        from tether.algorithms.reward import score_responses
+        from tether.models import frozen_copy, load_policy, load_scalar_model, save_checkpoint
+
+        cfg = self.cfg
+        seed = self._seed(5)
+        encoder = self.encoder()
+        policy = load_policy(self.checkpoint("sft"), cfg.model, cfg.lora)
+        reference = None if cfg.lora.enabled else frozen_copy(policy)
+        value_from = self.checkpoint("rm") if cfg.ppo.value_init == "rm" else self.checkpoint("sft")
+        value_model = load_scalar_model(value_from, cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
+
+        if cfg.ppo.reward == "gold":
+            def score_fn(rollout):
+                return torch.tensor(self.task.gold_batch(rollout.prompts, rollout.texts))
+        else:
+            reward_model = load_scalar_model(self.checkpoint("rm"), cfg.model, pad_token_id=encoder.pad_id)
+            reward_model.requires_grad_(False)
+
+            def score_fn(rollout):
+                from tether.models import token_scalars
+
+                with torch.no_grad():
+                    reward_model.eval()
+                    out = []
+                    for b in range(0, len(rollout), cfg.ppo.micro_batch_size):
+                        ids = rollout.input_ids[b : b + cfg.ppo.micro_batch_size]
+                        att = rollout.attention_mask[b : b + cfg.ppo.micro_batch_size]
+                        per_tok = token_scalars(reward_model, ids, att)
+                        last = rollout.start + rollout.response_mask[b : b + cfg.ppo.micro_batch_size].sum(1) - 1
+                        out.append(per_tok[torch.arange(ids.size(0)), last])
+                    return torch.cat(out)
+
+        logger = MetricsLogger(folder / "metrics.jsonl")
+        result = train_ppo(policy, value_model, reference, encoder, self.task.train_prompts(), score_fn, cfg.ppo,
+                           seed=seed, gold_fn=self.task.gold_batch, logger=logger)
+        logger.close()
+        save_checkpoint(policy, encoder.tokenizer, folder / "checkpoint")
+        return result
+
+    def stage_eval(self, folder: Path) -> dict:
+        from tether.evaluate import evaluate_policy
+        from tether.models import load_policy
+
+        cfg = self.cfg
+        encoder = self.encoder()
+        prompts = self.task.heldout_prompts()
+        paths = {"base": cfg.model.name, "sft": None, "ppo": None}
+        refs = {"sft": "base", "ppo": "sft"}
+        results = {}
+        for name in cfg.eval.policies:
+            path = paths[name] or self.checkpoint(name)
+            policy = load_policy(path, cfg.model, trainable=False)
+            ref_name = refs.get(name)
+            reference = None
+            if ref_name is not None and ref_name in (*cfg.eval.policies, "base"):
+                reference = load_policy(paths[ref_name] or self.checkpoint(ref_name), cfg.model, trainable=False)
+            _say(f"  evaluating {name} on {min(len(prompts), cfg.eval.n_prompts)} held-out prompts")
+            res = evaluate_policy(policy, encoder, self.task, prompts, cfg.eval, reference=reference,
+                                  seed=self._seed(6))
+            if reference is not None:
+                res["reference"] = ref_name
+            results[name] = res
+            write_json(folder / f"{name}.json", res)
+        return {"policies": list(results)}
+
+    # ------------------------------------------------------------------ summary
+    def write_summary(self) -> dict:
+        summary: dict = {"run_dir": str(self.dir), "preset": self.cfg.preset, "task": self.cfg.task.name,
+                         "model": self.cfg.model.name, "stages": {}}
+        for stage in STAGES:
+            if self.is_done(stage):
+                summary["stages"][stage] = {"seconds": self.result(stage).get("seconds")}
+        if self.is_done("prefs"):
+            prefs = self.result("prefs")
+            summary["preferences"] = {k: v for k, v in prefs.items() if k != "seconds"}
+        if self.is_done("rm"):
+            rm = self.result("rm")
+            summary["reward_model"] = {
+                "heldout_accuracy": rm.get("heldout_accuracy"),
+                "heldout_pairs": rm.get("heldout_pairs"),
+                "labeler_heldout_accuracy": self.result("prefs").get("labeler_heldout_accuracy"),
+                "final_loss": rm.get("final_loss"),
+            }
+        if self.is_done("ppo"):
+            ppo = self.result("ppo")
+            summary["ppo"] = {"final_kl_coef": ppo.get("final_kl_coef"), "last": ppo.get("last")}
+        if self.is_done("eval"):
+            summary["eval"] = {}
+            for name in self.result("eval").get("policies", []):
+                res = json.loads((self.stage_dir("eval") / f"{name}.json").read_text())
+                summary["eval"][name] = {k: v for k, v in res.items() if k not in ("samples", "gold_per_prompt")}
+        write_json(self.dir / "summary.json", summary)
+        return summary
+
+
+def run_pipeline(cfg: RunConfig, out_dir: str | Path | None = None, stages: list[str] | None = None) -> dict:
+    return Pipeline(cfg, out_dir).run(stages)

@@ -1,0 +1,147 @@
+"""Batched, KV-cached sampling with transformers ``generate``, stopping at EOS.
+
+The result keeps token ids (never re-tokenised text), laid out as
+``[left-padded prompt | response]`` so that the response starts at the same column in
+every row; ``response_mask`` covers each response up to and including its EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tether.config import GenerationConfig
+from tether.data.tokenize import Encoder, pad_left
+
+__all__ = ["Rollout", "generate"]
+
+
+@dataclass
+class Rollout:
+    prompts: list
+    query_ids: torch.Tensor  # [B, P] left-padded
+    query_mask: torch.Tensor  # [B, P]
+    response_ids: torch.Tensor  # [B, R], pad after EOS
+    response_mask: torch.Tensor  # [B, R], 1 up to and including EOS
+    ended: torch.Tensor  # [B] bool, the response emitted EOS
+    texts: list[str]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+    @property
+    def start(self) -> int:
+        return self.query_ids.size(1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(dim=1)
+
+    def __len__(self) -> int:
+        return self.query_ids.size(0)
+
+    def select(self, index: torch.Tensor | list[int]) -> "Rollout":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Rollout(
+            prompts=[self.prompts[i] for i in index.tolist()],
+            query_ids=self.query_ids[index],
+            query_mask=self.query_mask[index],
+            response_ids=self.response_ids[index],
+            response_mask=self.response_mask[index],
+            ended=self.ended[index],
+            texts=[self.texts[i] for i in index.tolist()],
+        )
+
+
+def _response_mask(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    is_eos = response_ids == eos_id
+    ended = is_eos.any(dim=1)
+    # position of the first EOS (or R − 1 if none): everything up to it is the response
+    first = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, response_ids.size(1) - 1, dtype=torch.long))
+    cols = torch.arange(response_ids.size(1)).unsqueeze(0)
+    return (cols <= first.unsqueeze(1)).long(), ended
+
+
+def _merge(parts: list[Rollout], pad_id: int) -> Rollout:
+    if len(parts) == 1:
+        return parts[0]
+    p = max(r.query_ids.size(1) for r in parts)
+    w = max(r.response_ids.size(1) for r in parts)
+
+    def lpad(x, width, value):
+        return torch.nn.functional.pad(x, (width - x.size(1), 0), value=value)
+
+    def rpad(x, width, value):
+        return torch.nn.functional.pad(x, (0, width - x.size(1)), value=value)
+
+    return Rollout(
+        prompts=[q for r in parts for q in r.prompts],
+        query_ids=torch.cat([lpad(r.query_ids, p, pad_id) for r in parts]),
+        query_mask=torch.cat([lpad(r.query_mask, p, 0) for r in parts]),
+        response_ids=torch.cat([rpad(r.response_ids, w, pad_id) for r in parts]),
+        response_mask=torch.cat([rpad(r.response_mask, w, 0) for r in parts]),
+        ended=torch.cat([r.ended for r in parts]),
+        texts=[t for r in parts for t in r.texts],
+    )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    encoder: Encoder,
+    prompts: list,
+    gen: GenerationConfig,
+    *,
+    seed: int | None = None,
+    progress=None,
+) -> Rollout:
+    """Sample one response per prompt (repeat prompts in the list for several samples).
+
+    Args:
+        model: a causal LM (or peft model); put in eval mode for the call.
+        encoder: tokenises prompts with the chat template.
+        prompts: strings or chat-message lists.
+        gen: sampling settings; ``temperature == 0`` is greedy.
+        seed: seeds torch's RNG for reproducible samples.
+        progress: optional callable(n_done) for progress bars.
+    """
+    was_training = model.training
+    model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    parts = []
+    try:
+        for begin in range(0, len(prompts), gen.batch_size):
+            chunk = prompts[begin : begin + gen.batch_size]
+            # Sort by prompt length inside the chunk? Not needed: left padding + mask.
+            q_ids, q_mask = pad_left([encoder.prompt_ids(p) for p in chunk], encoder.pad_id)
+            sampling = gen.temperature > 0
+            kwargs = dict(
+                do_sample=sampling,
+                max_new_tokens=gen.max_new_tokens,
+                pad_token_id=encoder.pad_id,
+                eos_token_id=encoder.eos_id,
+                use_cache=True,
+            )
+            if sampling:
+                kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            out = model.generate(input_ids=q_ids.to(device), attention_mask=q_mask.to(device), **kwargs)
+            resp = out[:, q_ids.size(1) :].cpu()
+            r_mask, ended = _response_mask(resp, encoder.eos_id)
+            resp = torch.where(r_mask.bool(), resp, torch.full_like(resp, encoder.pad_id))
+            texts = [encoder.decode(row[: int(m.sum())]) for row, m in zip(resp, r_mask)]
+            parts.append(Rollout(list(chunk), q_ids, q_mask, resp, r_mask, ended, texts))
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        model.train(was_training)
+    return _merge(parts, encoder.pad_id)

@@ -1,0 +1,8 @@
+"""Built-in tasks: prompts split into train and held-out, a programmatic gold score, and
+demonstrations for SFT. ``get_task(name)`` returns one."""
+
+from __future__ import annotations
+
+from tether.tasks.base import Task, get_task, list_tasks
+
+__all__ = ["Task", "get_task", "list_tasks"]

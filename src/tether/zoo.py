@@ -1,0 +1,151 @@
+"""Built-in models, stored once as plain Hugging Face folders under ``$TETHER_HOME``.
+
+``resolve_model(name)`` turns whatever names a model into a path or hub id that
+``from_pretrained`` accepts:
+
+- a zoo name (``tiny``) → built on first use into ``$TETHER_HOME/models/<name>``;
+- an existing local folder → itself;
+- anything else → passed through as a hub id (needs the hub; offline machines use folders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["tether_home", "resolve_model", "list_zoo", "cached_models", "build_tiny_model", "ZOO"]
+
+# Chat template of the tiny tokenizer: ChatML-like, words separated by spaces so the
+# word-level tokenizer splits it. Special tokens are matched before whitespace splitting.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+TINY_SPECIAL = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>")
+
+
+def tether_home() -> Path:
+    """Root of Tether's user cache: ``$TETHER_HOME`` or ``~/.cache/tether``."""
+    return Path(os.environ.get("TETHER_HOME") or Path.home() / ".cache" / "tether")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    build: Callable[[Path], None]
+
+
+def build_tiny_model(dest: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> None:
+    """A 2-layer Llama with random weights and a word-level tokenizer made offline.
+
+    The vocabulary covers the chat template and every word of the built-in ``tiny`` task.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tether.tasks.tiny import TinyTask
+
+    words = ["user", "assistant", "system"] + [w for w in TinyTask.vocabulary if w not in ("user", "assistant", "system")]
+    vocab: dict[str, int] = {}
+    for token in (*TINY_SPECIAL, *words):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    vocab_size = ((len(vocab) + 7) // 8) * 8
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=vocab["<pad>"],
+        eos_token_id=vocab["<|im_end|>"],
+        bos_token_id=vocab["<|im_start|>"],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.generation_config.eos_token_id = vocab["<|im_end|>"]
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+ZOO: dict[str, ZooEntry] = {
+    "tiny": ZooEntry(
+        "tiny",
+        "2-layer Llama (hidden 64), random weights, word-level tokenizer for the tiny task; built offline.",
+        build_tiny_model,
+    ),
+}
+
+
+def list_zoo() -> list[ZooEntry]:
+    return list(ZOO.values())
+
+
+def _zoo_dir(name: str) -> Path:
+    return tether_home() / "models" / name
+
+
+def cached_models() -> list[tuple[str, Path, int]]:
+    """(name, folder, size in bytes) of every model stored in the cache."""
+    root = tether_home() / "models"
+    out = []
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if (folder / "tether_zoo.json").is_file():
+                size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+                out.append((folder.name, folder, size))
+    return out
+
+
+def pull(name: str, *, force: bool = False) -> Path:
+    """Make sure zoo model ``name`` is in the cache; return its folder."""
+    if name not in ZOO:
+        raise ValueError(f"'{name}' is not a zoo model; zoo: {', '.join(ZOO)}")
+    dest = _zoo_dir(name)
+    if (dest / "tether_zoo.json").is_file() and not force:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
+    try:
+        ZOO[name].build(tmp)
+        (tmp / "tether_zoo.json").write_text(json.dumps({"name": name}) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model(name: str) -> str:
+    """A zoo name, a local folder or a hub id → something ``from_pretrained`` accepts."""
+    if name in ZOO:
+        return str(pull(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return str(path)
+    return name
