@@ -26,15 +26,19 @@ STAGE_NEEDS = {
 }
 
 
-def _split_overrides(extra: list[str]) -> list[str]:
-    """``['--ppo.kl.target', '6', '--seed=1']`` → ``['ppo.kl.target=6', 'seed=1']``."""
+def _split_overrides(extra: list[str]) -> tuple[str | None, list[str]]:
+    """``['my.yaml', '--ppo.kl.target', '6', '--seed=1']`` → ``('my.yaml', ['ppo.kl.target=6', 'seed=1'])``."""
     from tether.config import ConfigError
 
-    out, i = [], 0
+    out, i, config = [], 0, None
     while i < len(extra):
         item = extra[i]
         if not item.startswith("--"):
-            raise ConfigError(f"unexpected argument '{item}' (overrides look like --section.key value)")
+            if config is None and item.endswith((".yaml", ".yml")):
+                config = item
+                i += 1
+                continue
+            raise ConfigError(f"unexpected argument '{item}' (a config file ends in .yaml; overrides look like --section.key value)")
         item = item[2:]
         if "=" in item:
             out.append(item)
@@ -44,11 +48,10 @@ def _split_overrides(extra: list[str]) -> list[str]:
                 raise ConfigError(f"--{item} needs a value")
             out.append(f"{item}={extra[i + 1]}")
             i += 2
-    return out
+    return config, out
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("--preset", help="built-in preset to start from (default: 'default')")
     p.add_argument("--out", help="run directory (default: runs/<preset>)")
 
@@ -56,10 +59,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _load(args, extra):
     from tether.config import load_config
 
-    overrides = _split_overrides(extra)
+    config, overrides = _split_overrides(extra)
     if args.out:
         overrides.append(f"out={args.out}")
-    return load_config(args.config, preset=args.preset, overrides=overrides)
+    return load_config(config, preset=args.preset, overrides=overrides)
 
 
 def _print_summary(summary: dict) -> None:
@@ -170,10 +173,12 @@ def cmd_config(args, extra) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description="RLHF: SFT → reward model → PPO, with a gold score to check it.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run the whole pipeline (skips finished stages)")
+    p = sub.add_parser("run", help="run the whole pipeline (skips finished stages)",
+                       usage="tether run [CONFIG.yaml] [--preset NAME] [--out DIR] [--section.key VALUE ...]")
     _add_run_args(p)
     for stage in ("sft", "prefs", "rm", "ppo", "eval"):
-        sp = sub.add_parser(stage, help=f"run the '{stage}' stage (and the stages it needs)")
+        sp = sub.add_parser(stage, help=f"run the '{stage}' stage (and the stages it needs)",
+                            usage=f"tether {stage} [CONFIG.yaml] [--preset NAME] [--out DIR] [--section.key VALUE ...]")
         _add_run_args(sp)
     p = sub.add_parser("models", help="list or pull built-in models")
     p.add_argument("action", choices=["list", "pull"])
@@ -183,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["validate"])
     p.add_argument("file")
     p.add_argument("--kind", choices=["auto", "demos", "rankings"], default="auto")
-    p = sub.add_parser("config", help="print the resolved config (or every key with --keys)")
+    p = sub.add_parser("config", help="print the resolved config (or every key with --keys)",
+                       usage="tether config [CONFIG.yaml] [--preset NAME] [--keys] [--section.key VALUE ...]")
     _add_run_args(p)
     p.add_argument("--keys", action="store_true", help="list every key with its default and help")
     return parser
