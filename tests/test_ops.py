@@ -281,18 +281,21 @@ def test_token_logprobs_hand():
     # second position logits [1, 1, 1]: uniform -> -log 3 for any label
     logits = torch.tensor([[[0.0, 0.0, math.log(2.0)], [1.0, 1.0, 1.0]]], dtype=F64)
     out = token_logprobs(logits, torch.tensor([[2, 1]]))
-    assert out.shape == (1, 2) and out.dtype == torch.float32
-    expected = torch.tensor([[-math.log(2.0), -math.log(3.0)]], dtype=torch.float32)
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert out.shape == (1, 2) and out.dtype == torch.float64  # float64 stays float64
+    expected = torch.tensor([[-math.log(2.0), -math.log(3.0)]], dtype=F64)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
     out0 = token_logprobs(logits, torch.tensor([[0, 0]]))
-    torch.testing.assert_close(out0, torch.tensor([[-math.log(4.0), -math.log(3.0)]], dtype=torch.float32), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out0, torch.tensor([[-math.log(4.0), -math.log(3.0)]], dtype=F64), atol=1e-12, rtol=1e-12)
+    # half precision is upcast to float32 for the reduction
+    out_bf16 = token_logprobs(logits.to(torch.bfloat16), torch.tensor([[2, 1]]))
+    assert out_bf16.dtype == torch.float32
 
 
 def test_token_logprobs_padding_label_clamped_to_zero():
     logits = torch.tensor([[[0.0, 0.0, math.log(2.0)]]], dtype=F64)
     # -100 is clamped to id 0: log(1/4); an id >= V is clamped to V-1: log(2/4)
-    torch.testing.assert_close(token_logprobs(logits, torch.tensor([[-100]])), torch.tensor([[-math.log(4.0)]]), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(token_logprobs(logits, torch.tensor([[7]])), torch.tensor([[-math.log(2.0)]]), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(token_logprobs(logits, torch.tensor([[-100]])), torch.tensor([[-math.log(4.0)]], dtype=F64), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(token_logprobs(logits, torch.tensor([[7]])), torch.tensor([[-math.log(2.0)]], dtype=F64), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 2), (2, 3, 5), (3, 4, 11)])
@@ -344,8 +347,9 @@ def test_entropy_hand():
     logits = torch.tensor([0.0, math.log(3.0)], dtype=F64)
     expected = math.log(4.0) - 0.75 * math.log(3.0)
     out = entropy_from_logits(logits)
-    assert out.shape == () and out.dtype == torch.float32
-    assert math.isclose(float(out), expected, rel_tol=1e-6, abs_tol=1e-6)
+    assert out.shape == () and out.dtype == torch.float64
+    assert math.isclose(float(out), expected, rel_tol=1e-12, abs_tol=1e-12)
+    assert entropy_from_logits(logits.half()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("v", [1, 2, 5, 50, 1000])

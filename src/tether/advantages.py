@@ -127,7 +127,10 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a saved controller (the saved target and horizon win on resume)."""
         self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = int(state.get("horizon", self.horizon))
 
 
 class FixedKLController:

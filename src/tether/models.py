@@ -177,7 +177,8 @@ def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no 'score' head; use a decoder model whose "
                          "AutoModelForSequenceClassification class names its head 'score'")
-    return head(hidden).squeeze(-1).float()
+    out = head(hidden).squeeze(-1)
+    return out if out.dtype == torch.float64 else out.float()
 
 
 def save_checkpoint(model, tokenizer, dest: str | Path) -> Path:

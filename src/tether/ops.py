@@ -19,6 +19,11 @@ __all__ = [
 ]
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision → float32 for numerically delicate reductions; float64 stays."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``x`` where ``mask`` is true/1. ``mask`` broadcasts against ``x``."""
     mask = mask.to(x.dtype)
@@ -81,10 +86,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels: [B, T] token ids. Ids outside ``[0, V)`` (e.g. -100 padding) are clamped
             to 0; mask those positions out afterwards.
 
-    Returns: [B, T] float32 log-probs, computed as ``logit[label] - logsumexp(logits)``
-    (no [B, T, V] log-softmax is materialised).
+    Returns: [B, T] log-probs (float32, or float64 for float64 logits), computed as
+    ``logit[label] - logsumexp(logits)`` (no [B, T, V] log-softmax is materialised).
     """
-    logits = logits.float()
+    logits = _upcast(logits)
     safe = labels.clamp(min=0, max=logits.size(-1) - 1)
     picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
@@ -94,9 +99,10 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution at each position.
 
     Args:
-        logits: [..., V]. Returns: [...] in nats, ``logsumexp(z) - sum softmax(z) * z``.
+        logits: [..., V]. Returns: [...] in nats, ``logsumexp(z) - sum softmax(z) * z``
+        (float32, or float64 for float64 logits).
     """
-    logits = logits.float()
+    logits = _upcast(logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
