@@ -17,7 +17,6 @@ import time
 __all__ = ["main"]
 
 STAGE_NEEDS = {
-    "data": ["data"],
     "sft": ["data", "sft"],
     "prefs": ["data", "sft", "prefs"],
     "rm": ["data", "sft", "prefs", "rm"],

@@ -9,6 +9,7 @@ closest valid key, so ``--ppo.kl.taget 6`` fails with "did you mean 'ppo.kl.targ
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -60,11 +61,11 @@ class ModelConfig:
     max_prompt_length: int = _f(96, "Longest prompt in tokens (cut from the left, counted as a warning).")
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model.name", "must not be empty")
-        _check(self.max_length > 1, "model.max_length", f"must be > 1, got {self.max_length}")
+        _check(bool(self.name), "name", "must not be empty")
+        _check(self.max_length > 1, "max_length", f"must be > 1, got {self.max_length}")
         _check(
             0 < self.max_prompt_length < self.max_length,
-            "model.max_prompt_length",
+            "max_prompt_length",
             f"must be in (0, model.max_length={self.max_length}), got {self.max_prompt_length}",
         )
 
@@ -78,8 +79,8 @@ class LoRAConfig:
     target_modules: str = _f("all-linear", "Modules to adapt: 'all-linear' or a comma-separated list of names.")
 
     def __post_init__(self) -> None:
-        _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
-        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.r > 0, "r", f"must be > 0, got {self.r}")
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -89,8 +90,8 @@ class TaskConfig:
     n_demos: int = _f(2000, "SFT demonstrations the task writes when data.demos is not given.")
 
     def __post_init__(self) -> None:
-        _check(self.n_heldout > 0, "task.n_heldout", "must be > 0")
-        _check(self.n_demos > 0, "task.n_demos", "must be > 0")
+        _check(self.n_heldout > 0, "n_heldout", "must be > 0")
+        _check(self.n_demos > 0, "n_demos", "must be > 0")
 
 
 @dataclass
@@ -105,15 +106,15 @@ class OptimConfig:
     micro_batch_size: int = _f(32, "Examples per forward pass; batch_size / micro_batch_size = accumulation steps.")
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(0.0 <= self.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
-        _check(self.batch_size > 0 and self.micro_batch_size > 0, "optim.batch_size", "must be > 0")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _check(self.batch_size > 0 and self.micro_batch_size > 0, "batch_size", "must be > 0")
         _check(
             self.batch_size % self.micro_batch_size == 0,
-            "optim.micro_batch_size",
+            "micro_batch_size",
             f"must divide batch_size ({self.batch_size}), got {self.micro_batch_size}",
         )
-        _check(len(self.betas) == 2, "optim.betas", "must be two numbers")
+        _check(len(self.betas) == 2, "betas", "must be two numbers")
 
 
 @dataclass
@@ -124,8 +125,8 @@ class SFTConfig:
     optim: OptimConfig = _sub(OptimConfig, "Optimiser for SFT.")
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, "sft.epochs", "must be > 0")
-        _check(self.max_steps >= 0, "sft.max_steps", "must be >= 0")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.max_steps >= 0, "max_steps", "must be >= 0")
 
 
 @dataclass
@@ -137,9 +138,9 @@ class GenerationConfig:
     batch_size: int = _f(64, "Prompts per generate() call.")
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
-        _check(self.temperature >= 0, "generation.temperature", "must be >= 0")
-        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
 
 
 @dataclass
@@ -155,16 +156,16 @@ class PrefsConfig:
     generation: GenerationConfig = _sub(GenerationConfig, "Sampling of the K responses.")
 
     def __post_init__(self) -> None:
-        _check(self.k >= 2, "prefs.k", f"must be >= 2, got {self.k}")
-        _check(self.n_prompts > 0, "prefs.n_prompts", "must be > 0")
-        _check(self.n_labelers >= 1, "prefs.n_labelers", "must be >= 1")
-        _check(0.0 <= self.overlap <= 1.0, "prefs.overlap", "must be in [0, 1]")
+        _check(self.k >= 2, "k", f"must be >= 2, got {self.k}")
+        _check(self.n_prompts > 0, "n_prompts", "must be > 0")
+        _check(self.n_labelers >= 1, "n_labelers", "must be >= 1")
+        _check(0.0 <= self.overlap <= 1.0, "overlap", "must be in [0, 1]")
         _check(
             1 <= self.labelers_per_item <= self.n_labelers,
-            "prefs.labelers_per_item",
+            "labelers_per_item",
             f"must be in [1, n_labelers={self.n_labelers}]",
         )
-        _check(0.5 < self.target_agreement < 1.0, "prefs.target_agreement", "must be in (0.5, 1)")
+        _check(0.5 < self.target_agreement < 1.0, "target_agreement", "must be in (0.5, 1)")
 
 
 @dataclass
@@ -177,7 +178,7 @@ class RMConfig:
     optim: OptimConfig = _sub(OptimConfig, "Optimiser for the reward model (batch = rankings).")
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, "rm.epochs", "must be > 0")
+        _check(self.epochs > 0, "epochs", "must be > 0")
 
 
 @dataclass
@@ -188,9 +189,9 @@ class KLConfig:
     horizon: int = _f(10000, "Adaptive controller horizon (in samples).")
 
     def __post_init__(self) -> None:
-        _check(self.init_coef >= 0, "ppo.kl.init_coef", "must be >= 0")
-        _check(self.target > 0, "ppo.kl.target", "must be > 0")
-        _check(self.horizon > 0, "ppo.kl.horizon", "must be > 0")
+        _check(self.init_coef >= 0, "init_coef", "must be >= 0")
+        _check(self.target > 0, "target", "must be > 0")
+        _check(self.horizon > 0, "horizon", "must be > 0")
 
 
 @dataclass
@@ -215,20 +216,20 @@ class PPOConfig:
     optim: OptimConfig = _sub(OptimConfig, "Policy optimiser (batch sizes are taken from this section).")
 
     def __post_init__(self) -> None:
-        _check(self.steps > 0, "ppo.steps", "must be > 0")
-        _check(self.epochs > 0, "ppo.epochs", "must be > 0")
+        _check(self.steps > 0, "steps", "must be > 0")
+        _check(self.epochs > 0, "epochs", "must be > 0")
         _check(
             self.rollout_batch_size % self.mini_batch_size == 0,
-            "ppo.mini_batch_size",
+            "mini_batch_size",
             f"must divide rollout_batch_size ({self.rollout_batch_size})",
         )
         _check(
             self.mini_batch_size % self.micro_batch_size == 0,
-            "ppo.micro_batch_size",
+            "micro_batch_size",
             f"must divide mini_batch_size ({self.mini_batch_size})",
         )
-        _check(0 < self.clip < 1, "ppo.clip", "must be in (0, 1)")
-        _check(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "ppo.lam", "gamma and lam must be in [0, 1]")
+        _check(0 < self.clip < 1, "clip", "must be in (0, 1)")
+        _check(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "lam", "gamma and lam must be in [0, 1]")
 
 
 @dataclass
@@ -239,10 +240,10 @@ class EvalConfig:
     generation: GenerationConfig = _sub(GenerationConfig, "Sampling for evaluation.")
 
     def __post_init__(self) -> None:
-        _check(self.n_prompts > 1, "eval.n_prompts", "must be > 1")
-        _check(self.samples_per_prompt > 0, "eval.samples_per_prompt", "must be > 0")
+        _check(self.n_prompts > 1, "n_prompts", "must be > 1")
+        _check(self.samples_per_prompt > 0, "samples_per_prompt", "must be > 0")
         bad = [p for p in self.policies if p not in ("base", "sft", "ppo")]
-        _check(not bad, "eval.policies", f"unknown policies {bad}; choose from base, sft, ppo")
+        _check(not bad, "policies", f"unknown policies {bad}; choose from base, sft, ppo")
 
 
 @dataclass
@@ -348,9 +349,13 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}{' in ' + source if source else ''}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
+    for key, value in data.items():
         if key not in names:
-            raise _unknown_key_error(prefix + str(key), source)
+            full = prefix + str(key)
+            while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key
+                (sub, value), = value.items()
+                full += f".{sub}"
+            raise _unknown_key_error(full, source)
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -361,9 +366,8 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        if source:
-            raise ConfigError(f"{exc} (in {source})") from None
-        raise
+        # __post_init__ names the field; put the section path in front of it
+        raise ConfigError(f"{prefix}{exc}" + (f" (in {source})" if source else "")) from None
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -432,7 +436,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set dotted keys in a nested dict (checked later against the dataclasses)."""
-    out = _deep_merge({}, data)
+    out = copy.deepcopy(data)
     for item in overrides:
         key, value = parse_override(item)
         node = out

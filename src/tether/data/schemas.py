@@ -105,8 +105,8 @@ def parse_ranking(
         raise DataError(path, line, f"must be a string, got {type(rater).__name__}", field="rater")
     rater = None if rater is None else str(rater)
     if "chosen" in record or "rejected" in record:
-        chosen = _text(record, "chosen", path, line)
-        rejected = _text(record, "rejected", path, line)
+        chosen = _text(record, "chosen", path, line, allow_empty=allow_empty_responses)
+        rejected = _text(record, "rejected", path, line, allow_empty=allow_empty_responses)
         return Ranking(prompt, [chosen, rejected], [0, 1], rater)
     if "responses" not in record:
         raise DataError(path, line, "missing (give 'responses' + 'ranking', or 'chosen' + 'rejected')", field="responses")
