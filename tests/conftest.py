@@ -34,3 +34,15 @@ def tiny_tokenizer(tiny_path):
     from tether.models import load_tokenizer
 
     return load_tokenizer(tiny_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
