@@ -17,7 +17,7 @@ import torch
 
 from tether.config import OptimConfig
 
-__all__ = ["Engine", "MetricsLogger", "NonFiniteError", "progress_bar"]
+__all__ = ["Engine", "MetricsLogger", "NonFiniteError", "progress_bar", "plan_steps", "batch_indices"]
 
 
 class NonFiniteError(RuntimeError):
@@ -32,6 +32,25 @@ def progress_bar(total: int, desc: str, unit: str = "step"):
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True,
                 disable=os.environ.get("TETHER_QUIET") == "1")
+
+
+def plan_steps(n_items: int, batch_size: int, epochs: float, max_steps: int = 0) -> int:
+    """Optimiser steps for ``epochs`` passes over ``n_items`` (or ``max_steps`` when set)."""
+    return max_steps or max(1, math.ceil(epochs * max(1, n_items // batch_size)))
+
+
+def batch_indices(n_items: int, batch_size: int, micro_batch_size: int, steps: int, generator: torch.Generator):
+    """Yield, for each optimiser step, its micro-batches of item indices.
+
+    Items are drawn in a fresh random permutation each epoch; a step that crosses an epoch
+    boundary takes the rest of one permutation and the start of the next.
+    """
+    order: list[int] = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += torch.randperm(n_items, generator=generator).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        yield [batch[j : j + micro_batch_size] for j in range(0, batch_size, micro_batch_size)]
 
 
 class MetricsLogger:

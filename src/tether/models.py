@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tether.config import LoRAConfig, ModelConfig
+from tether.data.io import atomic_directory
 from tether.ops import token_logprobs
 from tether.zoo import resolve_model
 
@@ -188,22 +186,10 @@ def save_checkpoint(model, tokenizer, dest: str | Path) -> Path:
     the result. Written into a temporary folder beside ``dest`` and renamed into place.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     to_save = model
     if hasattr(model, "merge_and_unload"):
         to_save = copy.deepcopy(model).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest

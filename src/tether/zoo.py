@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -125,17 +123,11 @@ def pull(name: str, *, force: bool = False) -> Path:
     dest = _zoo_dir(name)
     if (dest / "tether_zoo.json").is_file() and not force:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
-    try:
+    from tether.data.io import atomic_directory
+
+    with atomic_directory(dest) as tmp:
         ZOO[name].build(tmp)
         (tmp / "tether_zoo.json").write_text(json.dumps({"name": name}) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -8,7 +8,6 @@ ranking. A pair ``chosen ≻ rejected`` is a ranking with K = 2.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from tether.config import RMConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder, pad_right
-from tether.engine import Engine, MetricsLogger, progress_bar
+from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
 from tether.losses import plackett_luce_loss, ranking_pairwise_loss
 from tether.models import token_scalars
 
@@ -78,23 +77,16 @@ def train_reward(
     """Train the reward model in place on ``rankings``; returns a summary."""
     optim = cfg.optim
     loss_fn = RANKING_LOSSES[cfg.loss]
-    steps_per_epoch = max(1, len(rankings) // optim.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total = plan_steps(len(rankings), optim.batch_size, cfg.epochs, cfg.max_steps)
     engine = Engine(model.parameters(), optim, total)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     model.train()
-    order: list[int] = []
     start_time, last = time.time(), {}
     bar = progress_bar(total, "reward model")
-    for step in range(total):
-        if len(order) < optim.batch_size:
-            order += torch.randperm(len(rankings), generator=generator).tolist()
-        batch_idx, order = order[: optim.batch_size], order[optim.batch_size :]
-        micro = [
-            collate_rankings(encoder, [rankings[i] for i in batch_idx[j : j + optim.micro_batch_size]])
-            for j in range(0, len(batch_idx), optim.micro_batch_size)
-        ]
+    steps = batch_indices(len(rankings), optim.batch_size, optim.micro_batch_size, total, generator)
+    for step, micro_idx in enumerate(steps):
+        micro = [collate_rankings(encoder, [rankings[i] for i in idx]) for idx in micro_idx]
         n_global = sum(_n_terms(m, cfg.loss) for m in micro)
         loss_total, correct, pairs = 0.0, 0, 0
         for m in micro:

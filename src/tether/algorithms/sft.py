@@ -7,7 +7,6 @@ optimiser batch (so gradient accumulation equals one big batch) → ``engine.ste
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -15,7 +14,7 @@ import torch
 from tether.config import SFTConfig
 from tether.data.schemas import Demonstration
 from tether.data.tokenize import Encoder, pad_right
-from tether.engine import Engine, MetricsLogger, progress_bar
+from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
 from tether.losses import sft_loss
 from tether.models import policy_logits
 
@@ -52,24 +51,17 @@ def train_sft(
 ) -> dict:
     """Train ``model`` in place; returns a summary (steps, final loss, throughput)."""
     optim = cfg.optim
-    steps_per_epoch = max(1, len(demos) // optim.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total = plan_steps(len(demos), optim.batch_size, cfg.epochs, cfg.max_steps)
     engine = Engine(model.parameters(), optim, total)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     model.train()
 
-    order: list[int] = []
     tokens_seen, start_time, last = 0, time.time(), {}
     bar = progress_bar(total, "sft")
-    for step in range(total):
-        if len(order) < optim.batch_size:
-            order += torch.randperm(len(demos), generator=generator).tolist()
-        batch_idx, order = order[: optim.batch_size], order[optim.batch_size :]
-        micro = [
-            collate_sft(encoder, [demos[i] for i in batch_idx[j : j + optim.micro_batch_size]])
-            for j in range(0, len(batch_idx), optim.micro_batch_size)
-        ]
+    steps = batch_indices(len(demos), optim.batch_size, optim.micro_batch_size, total, generator)
+    for step, micro_idx in enumerate(steps):
+        micro = [collate_sft(encoder, [demos[i] for i in idx]) for idx in micro_idx]
         n_tokens = sum(int(m["loss_mask"][:, 1:].sum()) for m in micro)
         loss_total = 0.0
         for m in micro:

@@ -6,13 +6,15 @@ Every error names the file, the line and, where it applies, the field:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["DataError", "read_jsonl", "write_jsonl", "write_json", "atomic_write_text"]
+__all__ = ["DataError", "read_jsonl", "write_jsonl", "write_json", "atomic_write_text", "atomic_directory"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
@@ -84,3 +86,24 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success fsync its files and rename it
+    to ``dest`` (replacing an old one). On error nothing at ``dest`` changes."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
