@@ -92,3 +92,24 @@ def test_rollout_layout_and_values(tiny_path, tiny_tokenizer):
     # the same sample twice with one seed
     r2 = generate(policy, enc, prompts, GenerationConfig(max_new_tokens=5), seed=0)
     assert torch.equal(r.response_ids, r2.response_ids)
+
+
+def test_rollout_scores_equal_text_scores(tiny_path, tiny_tokenizer):
+    """Scoring a rollout's own ids gives the same reward as scoring its decoded text."""
+    from tether.algorithms.reward import score_responses, score_rollout
+    from tether.data.tokenize import pad_left, pad_right
+    from tether.rollout import Rollout
+    from tether.rollout.generate import _response_mask
+
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    rm = load_scalar_model(tiny_path, MODEL, pad_token_id=enc.pad_id)
+    prompts = ["write three words about fruits", "write eight words about tools and music", "write four words about cats"]
+    texts = ["apple pear fig", "saw drum", "the cat sat on it and so on"]
+    q_ids, q_mask = pad_left([enc.prompt_ids(p) for p in prompts], enc.pad_id)
+    r_ids, _ = pad_right([enc.response_ids(t, 64) for t in texts], enc.pad_id)
+    r_mask, ended = _response_mask(r_ids, enc.eos_id)
+    rollout = Rollout(prompts, q_ids, q_mask, r_ids, r_mask, ended, texts)
+    by_ids = score_rollout(rm, rollout, chunk=2)
+    by_text = score_responses(rm, enc, prompts, texts)
+    torch.testing.assert_close(by_ids, by_text, atol=1e-5, rtol=1e-5)
+    assert float(by_ids.std()) > 0  # distinct inputs, distinct scores: the check is not vacuous

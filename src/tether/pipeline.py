@@ -285,7 +285,7 @@ class Pipeline:
 
     def stage_ppo(self, folder: Path) -> dict:
         from tether.algorithms.ppo import train_ppo
-        from tether.algorithms.reward import score_responses
+        from tether.algorithms.reward import score_rollout
         from tether.models import frozen_copy, load_policy, load_scalar_model, save_checkpoint
 
         cfg = self.cfg
@@ -304,18 +304,7 @@ class Pipeline:
             reward_model.requires_grad_(False)
 
             def score_fn(rollout):
-                from tether.models import token_scalars
-
-                with torch.no_grad():
-                    reward_model.eval()
-                    out = []
-                    for b in range(0, len(rollout), cfg.ppo.micro_batch_size):
-                        ids = rollout.input_ids[b : b + cfg.ppo.micro_batch_size]
-                        att = rollout.attention_mask[b : b + cfg.ppo.micro_batch_size]
-                        per_tok = token_scalars(reward_model, ids, att)
-                        last = rollout.start + rollout.response_mask[b : b + cfg.ppo.micro_batch_size].sum(1) - 1
-                        out.append(per_tok[torch.arange(ids.size(0)), last])
-                    return torch.cat(out)
+                return score_rollout(reward_model, rollout, cfg.ppo.micro_batch_size)
 
         logger = MetricsLogger(folder / "metrics.jsonl")
         result = train_ppo(policy, value_model, reference, encoder, self.task.train_prompts(), score_fn, cfg.ppo,

@@ -19,7 +19,7 @@ from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, prog
 from tether.losses import plackett_luce_loss, ranking_pairwise_loss
 from tether.models import token_scalars
 
-__all__ = ["collate_rankings", "ranking_scores", "train_reward", "score_responses", "pairwise_accuracy"]
+__all__ = ["collate_rankings", "ranking_scores", "train_reward", "score_responses", "score_rollout", "pairwise_accuracy"]
 
 RANKING_LOSSES = {"bradley_terry": ranking_pairwise_loss, "plackett_luce": plackett_luce_loss}
 
@@ -132,6 +132,28 @@ def score_responses(model, encoder: Encoder, prompts: list, responses: list[str]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def score_rollout(model, rollout, chunk: int = 64) -> torch.Tensor:
+    """Reward of each sampled response, read from the rollout's own token ids: [B] float32.
+
+    The score sits at each response's last token (its EOS when it ended), so no text is
+    re-tokenised between the policy and the reward model (they share a tokenizer).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for b in range(0, len(rollout), chunk):
+            ids = rollout.input_ids[b : b + chunk].to(device)
+            att = rollout.attention_mask[b : b + chunk].to(device)
+            last = rollout.start + rollout.response_mask[b : b + chunk].sum(1).to(device) - 1
+            out.append(token_scalars(model, ids, att)[torch.arange(ids.size(0), device=device), last].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def pairwise_accuracy(scores: list[float], gold: list[float]) -> tuple[int, int]:
