@@ -120,7 +120,6 @@ def generate(
     try:
         for begin in range(0, len(prompts), gen.batch_size):
             chunk = prompts[begin : begin + gen.batch_size]
-            # Sort by prompt length inside the chunk? Not needed: left padding + mask.
             q_ids, q_mask = pad_left([encoder.prompt_ids(p) for p in chunk], encoder.pad_id)
             sampling = gen.temperature > 0
             kwargs = dict(
