@@ -57,6 +57,10 @@ def _check(cond: bool, key: str, msg: str) -> None:
 class ModelConfig:
     name: str = _f("tiny", "Model: a zoo name (`tether models list`), a local folder, or a hub id.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Parameter dtype for training.")
+    autocast: Literal["auto", "off", "bfloat16", "float16"] = _f(
+        "auto", "Mixed precision for forward/backward passes: 'auto' = bfloat16 where the hardware has it "
+        "(AVX512-BF16/AMX CPUs, bf16 GPUs); weights and optimiser state stay in model.dtype."
+    )
     max_length: int = _f(128, "Longest prompt + response in tokens; longer prompts are cut from the left.")
     max_prompt_length: int = _f(96, "Longest prompt in tokens (cut from the left, counted as a warning).")
 
@@ -289,6 +293,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "off" in choices:  # YAML reads a bare `off` as false
+            value = "off"
         if value not in choices:
             near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""

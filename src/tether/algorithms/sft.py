@@ -35,8 +35,12 @@ def collate_sft(encoder: Encoder, demos: list[Demonstration]) -> dict[str, torch
 
 def sft_micro_loss(model, batch: dict[str, torch.Tensor], normalizer: float | None = None) -> torch.Tensor:
     """SFT loss of one micro-batch; ``normalizer`` = response tokens of the whole optimiser batch."""
-    logits = policy_logits(model, batch["input_ids"], batch["attention_mask"])
-    return sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:], normalizer=normalizer)
+    ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    # logits only from the position before the earliest response token on (prompts need none)
+    first = int(loss_mask.float().argmax(dim=1).min()) if bool(loss_mask.any()) else ids.size(1) - 1
+    begin = max(first - 1, 0)
+    logits = policy_logits(model, ids, batch["attention_mask"], keep=ids.size(1) - begin)
+    return sft_loss(logits[:, :-1], ids[:, begin + 1 :], loss_mask[:, begin + 1 :], normalizer=normalizer)
 
 
 def train_sft(
