@@ -113,3 +113,31 @@ def test_rollout_scores_equal_text_scores(tiny_path, tiny_tokenizer):
     by_text = score_responses(rm, enc, prompts, texts)
     torch.testing.assert_close(by_ids, by_text, atol=1e-5, rtol=1e-5)
     assert float(by_ids.std()) > 0  # distinct inputs, distinct scores: the check is not vacuous
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sampling_copy_tracks_the_policy(tiny_path, lora):
+    """The bf16 sampling copy holds the policy's current (merged) weights after sync()."""
+    from tether.rollout import SamplingCopy
+
+    policy = load_policy(tiny_path, MODEL, LoRAConfig(enabled=lora, r=4, alpha=8))
+    copy_ = SamplingCopy(policy, torch.float32)  # float32 so the comparison is exact
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(4, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    assert not torch.allclose(copy_.model(input_ids=ids, attention_mask=mask).logits,
+                              policy(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    copy_.sync()
+    torch.testing.assert_close(copy_.model(input_ids=ids, attention_mask=mask).logits,
+                               policy(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in copy_.model.parameters())
+    if lora:  # the base weights under the adapters are untouched (the reference stays exact)
+        with policy.disable_adapter():
+            plain = load_policy(tiny_path, MODEL)
+            torch.testing.assert_close(policy(input_ids=ids, attention_mask=mask).logits,
+                                       plain(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+    low = SamplingCopy(policy, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in low.model.parameters())

@@ -89,9 +89,10 @@ class LoRAConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = _f("tiny", "Built-in task with a gold score: 'tiny' (synthetic topic-words task).")
+    name: str = _f("tiny", "Built-in task with a gold score: 'instruct' (IFEval-style verifiable instructions) "
+                   "or 'tiny' (synthetic topic words, for the tiny model).")
     n_heldout: int = _f(128, "Held-out prompts (never trained on) for evaluation and RM accuracy.")
-    n_demos: int = _f(2000, "SFT demonstrations the task writes when data.demos is not given.")
+    n_demos: int = _f(2000, "SFT demonstrations the task writes (instruct: training prompts tried best-of-n) when sft.demos is not given.")
 
     def __post_init__(self) -> None:
         _check(self.n_heldout > 0, "n_heldout", "must be > 0")
@@ -126,11 +127,16 @@ class SFTConfig:
     demos: Optional[str] = _f(None, "JSONL of demonstrations (prompt, response); default: the task writes them.")
     epochs: float = _f(3.0, "Passes over the demonstrations.")
     max_steps: int = _f(0, "Stop after this many optimiser steps (0 = use epochs).")
+    best_of_n: int = _f(4, "Tasks that write no demonstrations (instruct): base-model samples per training "
+                        "prompt; the best one the task accepts becomes a demonstration (task.n_demos prompts).")
+    generation: "GenerationConfig" = field(default_factory=lambda: GenerationConfig(),
+                                           metadata={"help": "Sampling of the best-of-n candidates."})
     optim: OptimConfig = _sub(OptimConfig, "Optimiser for SFT.")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.max_steps >= 0, "max_steps", "must be >= 0")
+        _check(self.best_of_n > 0, "best_of_n", "must be > 0")
 
 
 @dataclass

@@ -50,6 +50,7 @@ def evaluate_policy(
     reference=None,
     seed: int = 0,
     n_samples_kept: int = 8,
+    progress=None,
 ) -> dict:
     """Sample ``cfg.samples_per_prompt`` responses per held-out prompt and score them.
 
@@ -60,7 +61,7 @@ def evaluate_policy(
     """
     prompts = prompts[: cfg.n_prompts]
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    rollout = generate(policy, encoder, repeated, cfg.generation, seed=seed)
+    rollout = generate(policy, encoder, repeated, cfg.generation, seed=seed, progress=progress)
     gold = task.gold_batch(repeated, rollout.texts)
     k = cfg.samples_per_prompt
     per_prompt = [sum(gold[i * k : (i + 1) * k]) / k for i in range(len(prompts))]
@@ -76,6 +77,8 @@ def evaluate_policy(
         "ended_frac": float(rollout.ended.float().mean()),
         "gold_per_prompt": per_prompt,
     }
+    if hasattr(task, "breakdown"):  # e.g. the instruct task: success rate per kind of instruction
+        result["breakdown"] = task.breakdown(repeated, rollout.texts)
     if reference is not None:
         device = next(policy.parameters()).device
         kls = []

@@ -73,6 +73,24 @@ class Pipeline:
             self._tokenizer = load_tokenizer(self.cfg.model.name)
         return Encoder(self._tokenizer, self.cfg.model.max_length, self.cfg.model.max_prompt_length)
 
+    def generate(self, policy, prompts: list, gen, seed: int, desc: str):
+        """Sample one response per prompt with a progress bar (responses/s and ETA)."""
+        from tether.engine import progress_bar
+        from tether.rollout import generate
+
+        with progress_bar(len(prompts), desc, unit="sample") as bar:
+            return generate(policy, self.encoder(), prompts, gen, seed=seed, progress=bar.update)
+
+    def frozen_policy(self, path: str):
+        """A policy only sampled from and scored: stored in the autocast dtype when one is
+        active (bf16 weights decode faster than float32 ones cast at every step)."""
+        from tether.models import load_policy
+        from tether.rollout import active_autocast_dtype
+
+        model = load_policy(path, self.cfg.model, trainable=False)
+        low = active_autocast_dtype(next(model.parameters()).device)
+        return model.to(low) if low is not None else model
+
     def _seed(self, offset: int) -> int:
         seed = self.cfg.seed * 1000 + offset
         random.seed(seed)
@@ -113,20 +131,62 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def stage_data(self, folder: Path) -> dict:
         cfg = self.cfg
+        extra: dict = {}
         if cfg.sft.demos:
             demos = [{"prompt": d.prompt, "response": d.response} for d in load_demonstrations(cfg.sft.demos)]
             source = cfg.sft.demos
+        elif getattr(self.task, "demo_source", "task") == "best_of_n":
+            demos, extra = self._best_of_n_demos(folder)
+            source = f"best-of-{cfg.sft.best_of_n} samples of {cfg.model.name}, kept when task:{self.task.name} accepts them"
         else:
             demos = self.task.demonstrations(cfg.task.n_demos, seed=self._seed(1))
             source = f"task:{self.task.name}"
+        if not demos:
+            raise RuntimeError(f"no SFT demonstrations: none of the base model's samples was accepted by "
+                               f"task '{self.task.name}'; raise sft.best_of_n or task.n_demos")
         write_jsonl(folder / "demos.jsonl", demos)
         write_jsonl(folder / "prompts_train.jsonl", [{"prompt": p} for p in self.task.train_prompts()])
         write_jsonl(folder / "prompts_heldout.jsonl", [{"prompt": p} for p in self.task.heldout_prompts()])
         return {
+            **extra,
             "demos": len(demos),
             "demos_source": source,
             "train_prompts": len(self.task.train_prompts()),
             "heldout_prompts": len(self.task.heldout_prompts()),
+        }
+
+    def _best_of_n_demos(self, folder: Path) -> tuple[list[dict], dict]:
+        """Rejection sampling: ``sft.best_of_n`` samples of the base model per training
+        prompt; the best-scoring sample the task accepts (every instruction holds, ended
+        with EOS) becomes the demonstration. Prompts with no accepted sample give none."""
+        from tether.models import load_policy
+
+        cfg = self.cfg
+        n = cfg.sft.best_of_n
+        seed = self._seed(1)
+        train = self.task.train_prompts()
+        prompts = random.Random(seed).sample(train, min(cfg.task.n_demos, len(train)))
+        policy = self.frozen_policy(cfg.model.name)
+        rollout = self.generate(policy, [q for q in prompts for _ in range(n)], cfg.sft.generation, seed,
+                                f"best-of-{n} demos")
+        repeated = [q for q in prompts for _ in range(n)]
+        gold = self.task.gold_batch(repeated, rollout.texts)
+        ok = [bool(rollout.ended[i]) and self.task.accepts_demo(repeated[i], rollout.texts[i]) for i in range(len(repeated))]
+        demos = []
+        for j, q in enumerate(prompts):
+            idx = [i for i in range(j * n, (j + 1) * n) if ok[i]]
+            if idx:
+                best = max(idx, key=lambda i: gold[i])
+                demos.append({"prompt": q, "response": rollout.texts[best]})
+        write_jsonl(folder / "base_samples.jsonl", [
+            {"prompt": repeated[i], "response": rollout.texts[i], "gold": gold[i], "accepted": ok[i]}
+            for i in range(len(repeated))
+        ])
+        return demos, {
+            "demo_prompts_tried": len(prompts),
+            "demo_samples": len(repeated),
+            "base_sample_gold_mean": sum(gold) / len(gold),
+            "base_sample_accept_rate": sum(ok) / len(ok),
         }
 
     def stage_sft(self, folder: Path) -> dict:
@@ -158,26 +218,25 @@ class Pipeline:
         )
         from tether.algorithms.reward import pairwise_accuracy
         from tether.models import load_policy
-        from tether.rollout import generate
 
         seed = self._seed(3)
         rng = random.Random(seed)
         encoder = self.encoder()
-        policy = load_policy(self.checkpoint("sft"), cfg.model, trainable=False)
+        policy = self.frozen_policy(self.checkpoint("sft"))
         train = self.task.train_prompts()
         prompts = [train[i % len(train)] for i in rng.sample(range(max(len(train), p.n_prompts)), p.n_prompts)]
         heldout = self.task.heldout_prompts()[: p.heldout_prompts]
 
-        def sample_groups(plist: list, s: int) -> list[dict]:
-            rollout = generate(policy, encoder, [q for q in plist for _ in range(p.k)], p.generation, seed=s)
+        def sample_groups(plist: list, s: int, desc: str) -> list[dict]:
+            rollout = self.generate(policy, [q for q in plist for _ in range(p.k)], p.generation, s, desc)
             groups = []
             for i, q in enumerate(plist):
                 texts = rollout.texts[i * p.k : (i + 1) * p.k]
                 groups.append({"prompt": q, "responses": texts, "gold": self.task.gold_batch([q] * p.k, texts)})
             return groups
 
-        groups = sample_groups(prompts, seed)
-        heldout_groups = sample_groups(heldout, seed + 1)
+        groups = sample_groups(prompts, seed, f"K={p.k} samples")
+        heldout_groups = sample_groups(heldout, seed + 1, f"K={p.k} held-out")
 
         gaps = [abs(g["gold"][i] - g["gold"][j]) for g in groups for i in range(p.k) for j in range(i + 1, p.k)]
         tau, expected = calibrate_temperature(gaps, p.target_agreement)
@@ -328,14 +387,18 @@ class Pipeline:
         results = {}
         for name in cfg.eval.policies:
             path = paths[name] or self.checkpoint(name)
-            policy = load_policy(path, cfg.model, trainable=False)
+            policy = self.frozen_policy(path)
             ref_name = refs.get(name)
             reference = None
             if ref_name is not None and ref_name in (*cfg.eval.policies, "base"):
-                reference = load_policy(paths[ref_name] or self.checkpoint(ref_name), cfg.model, trainable=False)
+                reference = self.frozen_policy(paths[ref_name] or self.checkpoint(ref_name))
             _say(f"  evaluating {name} on {min(len(prompts), cfg.eval.n_prompts)} held-out prompts")
-            res = evaluate_policy(policy, encoder, self.task, prompts, cfg.eval, reference=reference,
-                                  seed=self._seed(6))
+            from tether.engine import progress_bar
+
+            n = min(len(prompts), cfg.eval.n_prompts) * cfg.eval.samples_per_prompt
+            with progress_bar(n, f"eval {name}", unit="sample") as bar:
+                res = evaluate_policy(policy, encoder, self.task, prompts, cfg.eval, reference=reference,
+                                      seed=self._seed(6), progress=bar.update)
             if reference is not None:
                 res["reference"] = ref_name
             results[name] = res

@@ -25,7 +25,7 @@ from tether.engine import Engine, MetricsLogger, progress_bar
 from tether.losses import ppo_policy_loss, value_loss
 from tether.models import reference_context, sequence_logprobs, token_scalars
 from tether.ops import entropy_from_logits, masked_mean, masked_whiten
-from tether.rollout import Rollout, generate
+from tether.rollout import Rollout, SamplingCopy, active_autocast_dtype, generate, trimmed_batch
 
 __all__ = ["train_ppo", "make_kl_controller", "rollout_logprobs_and_values"]
 
@@ -44,25 +44,35 @@ def _chunks(n: int, size: int):
         yield slice(b, min(n, b + size))
 
 
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.size(1)))
+
+
 @torch.no_grad()
 def rollout_logprobs_and_values(policy, reference, value_model, rollout: Rollout, chunk: int) -> dict:
-    """Rollout-time log-probs, reference log-probs, values and entropy, each [B, R]."""
-    ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.start
+    """Rollout-time log-probs, reference log-probs, values and entropy, each [B, R].
+
+    Rows go through in chunks of similar length (sorted), each chunk trimmed of padding.
+    """
     device = next(policy.parameters()).device
-    out = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    R = rollout.response_ids.size(1)
+    total = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
+    order = torch.argsort(total, stable=True)
+    out = {k: torch.zeros(len(rollout), R) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
     policy.eval()
     value_model.eval()
     for s in _chunks(len(rollout), chunk):
-        i, m = ids[s].to(device), mask[s].to(device)
+        rows = order[s]
+        i, m, start, width = trimmed_batch(rollout, rows, device)
         logps, logits = sequence_logprobs(policy, i, m, start, return_logits=True)
-        out["logprobs"].append(logps)
-        out["entropy"].append(entropy_from_logits(logits))
+        out["logprobs"][rows] = _pad_to(logps.float().cpu(), R)
+        out["entropy"][rows] = _pad_to(entropy_from_logits(logits).float().cpu(), R)
         with reference_context(policy, reference) as ref:
-            out["ref_logprobs"].append(sequence_logprobs(ref, i, m, start))
-        out["values"].append(token_scalars(value_model, i, m)[:, start - 1 : -1])
+            out["ref_logprobs"][rows] = _pad_to(sequence_logprobs(ref, i, m, start).float().cpu(), R)
+        out["values"][rows] = _pad_to(token_scalars(value_model, i, m)[:, start - 1 : -1].float().cpu(), R)
     policy.train()
     value_model.train()
-    return {k: torch.cat(v).cpu() for k, v in out.items()}
+    return out
 
 
 def train_ppo(
@@ -100,6 +110,9 @@ def train_ppo(
     order: list[int] = []
     history = []
     start_time = time.time()
+    # sample from a merged low-precision copy when autocast runs in bf16/fp16 (faster decoding)
+    low = active_autocast_dtype(device)
+    sampler = SamplingCopy(policy, low) if low is not None else None
     bar = progress_bar(cfg.steps, "ppo", unit="rollout")
     for step in range(cfg.steps):
         # 1. rollout
@@ -107,7 +120,10 @@ def train_ppo(
             order += torch.randperm(len(prompts), generator=generator).tolist()
         idx, order = order[: cfg.rollout_batch_size], order[cfg.rollout_batch_size :]
         t0 = time.time()
-        rollout = generate(policy, encoder, [prompts[i] for i in idx], cfg.generation, seed=seed * 1_000_003 + step)
+        if sampler is not None:
+            sampler.sync()
+        rollout = generate(sampler.model if sampler is not None else policy, encoder, [prompts[i] for i in idx],
+                           cfg.generation, seed=seed * 1_000_003 + step)
         t_gen = time.time() - t0
         mask = rollout.response_mask.float()
 
@@ -138,13 +154,14 @@ def train_ppo(
                 mb_idx = perm[mb]
                 for mc in _chunks(len(mb_idx), cfg.micro_batch_size):
                     j = mb_idx[mc]
-                    ids = rollout.input_ids[j].to(device)
-                    att = rollout.attention_mask[j].to(device)
-                    m = mask[j].to(device)
-                    logps = sequence_logprobs(policy, ids, att, rollout.start)
-                    values = token_scalars(value_model, ids, att)[:, rollout.start - 1 : -1]
-                    pl, pstats = ppo_policy_loss(logps, old_logprobs[j].to(device), advantages[j].to(device), m, cfg.clip)
-                    vl, vstats = value_loss(values, old_values[j].to(device), returns[j].to(device), m, cfg.value_clip)
+                    ids, att, start, w = trimmed_batch(rollout, j, device)
+                    m = mask[j][:, :w].to(device)
+                    logps = sequence_logprobs(policy, ids, att, start)
+                    values = token_scalars(value_model, ids, att)[:, start - 1 : -1]
+                    pl, pstats = ppo_policy_loss(logps, old_logprobs[j][:, :w].to(device),
+                                                 advantages[j][:, :w].to(device), m, cfg.clip)
+                    vl, vstats = value_loss(values, old_values[j][:, :w].to(device), returns[j][:, :w].to(device),
+                                            m, cfg.value_clip)
                     weight = len(j) / len(mb_idx)
                     ((pl + cfg.vf_coef * vl) * weight).backward()
                     stats["loss/policy"].append(pl.detach().item())

