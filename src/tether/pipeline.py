@@ -33,6 +33,14 @@ __all__ = ["Pipeline", "run_pipeline", "STAGES"]
 STAGES = ("data", "sft", "prefs", "rm", "ppo", "eval")
 
 
+def complete_sentences(text: str) -> str:
+    """``text`` up to its last sentence end (. ! ? and closing quotes/brackets); '' if none."""
+    import re
+
+    ends = list(re.finditer(r"[.!?][\"'”’)\]]*(?=\s|$)", text))
+    return text[: ends[-1].end()].rstrip() if ends else ""
+
+
 def _say(msg: str) -> None:
     from rich.console import Console
 
@@ -157,8 +165,10 @@ class Pipeline:
 
     def _best_of_n_demos(self, folder: Path) -> tuple[list[dict], dict]:
         """Rejection sampling: ``sft.best_of_n`` samples of the base model per training
-        prompt; the best-scoring sample the task accepts (every instruction holds, ended
-        with EOS) becomes the demonstration. Prompts with no accepted sample give none."""
+        prompt; the best-scoring sample the task accepts (every instruction holds) becomes
+        the demonstration. A sample cut off by ``max_new_tokens`` is considered up to its
+        last complete sentence (a demonstration always ends where the model should stop).
+        Prompts with no accepted sample give none."""
         from tether.models import load_policy
 
         cfg = self.cfg
@@ -171,15 +181,22 @@ class Pipeline:
                                 f"best-of-{n} demos")
         repeated = [q for q in prompts for _ in range(n)]
         gold = self.task.gold_batch(repeated, rollout.texts)
-        ok = [bool(rollout.ended[i]) and self.task.accepts_demo(repeated[i], rollout.texts[i]) for i in range(len(repeated))]
+        texts = list(rollout.texts)
+        for i, ended in enumerate(rollout.ended.tolist()):
+            if not ended:  # cut off by max_new_tokens: keep its complete sentences, if any
+                texts[i] = complete_sentences(texts[i])
+        ok = [bool(texts[i]) and self.task.accepts_demo(repeated[i], texts[i]) for i in range(len(repeated))]
+        gold = [self.task.gold(repeated[i], texts[i]) if texts[i] != rollout.texts[i] else gold[i]
+                for i in range(len(repeated))]
         demos = []
         for j, q in enumerate(prompts):
             idx = [i for i in range(j * n, (j + 1) * n) if ok[i]]
             if idx:
                 best = max(idx, key=lambda i: gold[i])
-                demos.append({"prompt": q, "response": rollout.texts[best]})
+                demos.append({"prompt": q, "response": texts[best]})
         write_jsonl(folder / "base_samples.jsonl", [
-            {"prompt": repeated[i], "response": rollout.texts[i], "gold": gold[i], "accepted": ok[i]}
+            {"prompt": repeated[i], "response": rollout.texts[i], "ended": bool(rollout.ended[i]),
+             "kept": texts[i], "gold": gold[i], "accepted": ok[i]}
             for i in range(len(repeated))
         ])
         return demos, {
