@@ -186,6 +186,7 @@ class Pipeline:
             if not ended:  # cut off by max_new_tokens: keep its complete sentences, if any
                 texts[i] = complete_sentences(texts[i])
         ok = [bool(texts[i]) and self.task.accepts_demo(repeated[i], texts[i]) for i in range(len(repeated))]
+        raw_gold = gold  # the base model's own samples, for the record
         gold = [self.task.gold(repeated[i], texts[i]) if texts[i] != rollout.texts[i] else gold[i]
                 for i in range(len(repeated))]
         demos = []
@@ -202,7 +203,7 @@ class Pipeline:
         return demos, {
             "demo_prompts_tried": len(prompts),
             "demo_samples": len(repeated),
-            "base_sample_gold_mean": sum(gold) / len(gold),
+            "base_sample_gold_mean": sum(raw_gold) / len(raw_gold),
             "base_sample_accept_rate": sum(ok) / len(ok),
         }
 
