@@ -665,3 +665,82 @@ def test_gold_always_in_range(task, fixed_prompts, response):
         assert g == pytest.approx(sum(ok) / len(ok) - degeneration(response))
     d = degeneration(response)
     assert 0.0 <= d <= 1.0
+
+
+# --------------------------------------------------------------------------------------
+# repair: the constructive side of the checkers (SFT demonstrations)
+# --------------------------------------------------------------------------------------
+
+PROSE = ("Honey bees are amazing insects that live in colonies. They make honey from nectar, "
+         "and they pollinate flowers. Without them, many crops would fail.")
+MARKUP = "Sure! Here's a short poem:\n\n**The Moon**\nSilver light on quiet seas,\nwhispers carried by the breeze."
+
+
+def test_repair_output_is_always_an_accepted_demo(task):
+    repaired = 0
+    prompts = task.train_prompts()
+    for p in prompts:
+        for r in (PROSE, MARKUP):
+            out = task.repair(p, r)
+            if out is not None:
+                assert task.accepts_demo(p, out), (p, out)
+                repaired += 1
+    assert repaired / (2 * len(prompts)) > 0.99
+
+
+@pytest.mark.parametrize("response", ["", "   ", "ok", "**Title**\n", "Here is my answer:"])
+def test_repair_gives_up_on_answers_without_sentences(task, response):
+    assert task.repair(task.train_prompts()[0], response) is None
+
+
+def test_repair_hand_examples(task):
+    p = _find(task, {"change_case:lowercase"})
+    assert task.repair(p, PROSE) == PROSE.lower()
+
+    p = _find(task, {"punctuation:no_comma"})
+    assert task.repair(p, "Bees fly, sing, and rest.") == "Bees fly sing and rest."
+
+    p = _find(task, {"length:max_sentences"})
+    n = task.instructions_for(p)[0].params[0]
+    out = task.repair(p, PROSE)
+    assert out == " ".join(["Honey bees are amazing insects that live in colonies.",
+                            "They make honey from nectar, and they pollinate flowers.",
+                            "Without them, many crops would fail."][:n])
+
+    p = _find(task, {"detectable_format:bullets"})
+    n = task.instructions_for(p)[0].params[0]
+    out = task.repair(p, PROSE)
+    assert out.count("\n* ") == n - 1 and out.startswith("* ")
+    assert out.splitlines()[0] == "* Honey bees are amazing insects that live in colonies."
+
+    p = _find(task, {"startend:end_punctuation"})
+    mark = task.instructions_for(p)[0].params[0]
+    assert task.repair(p, "Bees are busy. They fly far.") == f"Bees are busy. They fly far{mark}"
+
+    p = _find(task, {"startend:quotation"})
+    assert task.repair(p, "Bees are busy all day.") == '"Bees are busy all day."'
+
+
+def test_repair_forbidden_word_and_keyword(task):
+    p = _find(task, {"keywords:forbidden", "keywords:include"} if any(
+        _kinds(task, q) == {"keywords:forbidden", "keywords:include"} for q in task.train_prompts())
+        else {"keywords:forbidden"})
+    word = next(i.params[0] for i in task.instructions_for(p) if i.kind == "keywords:forbidden")
+    out = task.repair(p, f"The {word} is lovely. I like the {word} a lot.")
+    assert out is not None and task.accepts_demo(p, out)
+    assert word not in out.lower().split()
+
+
+def test_repair_keeps_a_start_word_first_with_a_title(task):
+    p = next(q for q in task.train_prompts()
+             if {"startend:start_word", "detectable_format:title"} <= _kinds(task, q) and len(_kinds(task, q)) == 2)
+    out = task.repair(p, PROSE)
+    word = next(i.params[0] for i in task.instructions_for(p) if i.kind == "startend:start_word")
+    assert out.split()[0] == word and "<<" in out and task.accepts_demo(p, out)
+
+
+def test_repair_json(task):
+    p = _find(task, {"detectable_format:json"})
+    k1, k2 = task.instructions_for(p)[0].params
+    obj = json.loads(task.repair(p, PROSE))
+    assert set(obj) == {k1, k2} and obj[k2] == PROSE

@@ -3,6 +3,7 @@ for SFT and for the reward model, step by step over several optimiser steps."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -86,3 +87,41 @@ def test_unweighted_accumulation_would_differ(tiny_path, tiny_tokenizer):
         whole = float(sft_micro_loss(model, full))
     assert abs(exact - whole) < 1e-5
     assert abs(naive - whole) > 1e-4
+
+
+def test_training_inside_one_autocast_context_sees_every_step(tiny_path, tiny_tokenizer):
+    """A whole stage runs inside one ``autocast_context``. Its forward passes must see the
+    optimiser's updates: with autocast's weight-cast cache on, every forward reused the
+    bf16 copy of the LoRA weights made at the first step, so the loss never moved and the
+    saved adapters held gradients taken at the initial point (a model that collapsed)."""
+    from tether.algorithms.sft import collate_sft, sft_micro_loss
+    from tether.config import LoRAConfig
+    from tether.models import autocast_context
+
+    encoder = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    demos = _demos(8)
+    batch = collate_sft(encoder, demos)
+    n = float(batch["loss_mask"][:, 1:].sum())
+    torch.manual_seed(0)
+    model = load_policy(tiny_path, MODEL, LoRAConfig(enabled=True, r=4, alpha=8))
+    per_step = copy.deepcopy(model)
+    cfg = SFTConfig(epochs=1, optim=OptimConfig(lr=1e-2, batch_size=8, micro_batch_size=8))
+
+    def train(m, one_context: bool) -> list[float]:
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=cfg.optim.lr * 10)
+        losses = []
+        with autocast_context("bfloat16") if one_context else contextlib.nullcontext():
+            for _ in range(3):
+                with contextlib.nullcontext() if one_context else autocast_context("bfloat16"):
+                    loss = sft_micro_loss(m, batch, normalizer=n)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(float(loss))
+        return losses
+
+    one = train(model, one_context=True)
+    fresh = train(per_step, one_context=False)
+    assert one[2] < one[0] - 1e-3  # the loss moves
+    assert one == pytest.approx(fresh, abs=1e-4)

@@ -129,6 +129,9 @@ class SFTConfig:
     max_steps: int = _f(0, "Stop after this many optimiser steps (0 = use epochs).")
     best_of_n: int = _f(4, "Tasks that write no demonstrations (instruct): base-model samples per training "
                         "prompt; the best one the task accepts becomes a demonstration (task.n_demos prompts).")
+    repair: bool = _f(True, "When no best-of-n sample is accepted, let the task edit its best samples until "
+                      "every instruction holds (tasks with a repair(), such as instruct); false = rejection "
+                      "sampling only.")
     generation: "GenerationConfig" = field(default_factory=lambda: GenerationConfig(),
                                            metadata={"help": "Sampling of the best-of-n candidates."})
     optim: OptimConfig = _sub(OptimConfig, "Optimiser for SFT.")

@@ -184,12 +184,16 @@ def autocast_context(mode: str, device: torch.device | str = "cpu"):
     """``torch.autocast`` for ``model.autocast`` (a no-op context when it resolves to none).
 
     Weights, optimiser state and losses stay float32; matrix products run in the low
-    precision dtype. On a CPU with AVX512-BF16 this makes LoRA training ~3x faster.
+    precision dtype. On a CPU with AVX512-BF16 this makes LoRA training 1.4-3x faster.
+
+    The cast cache is off: a whole stage runs inside one context, and autocast's cache
+    would keep the low-precision copy of every trainable weight made at its first use for
+    the context's lifetime — forward passes would never see an optimiser step.
     """
     dtype = resolve_autocast(mode, device)
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, cache_enabled=False)
 
 
 def sequence_logprobs(

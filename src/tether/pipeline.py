@@ -145,7 +145,8 @@ class Pipeline:
             source = cfg.sft.demos
         elif getattr(self.task, "demo_source", "task") == "best_of_n":
             demos, extra = self._best_of_n_demos(folder)
-            source = f"best-of-{cfg.sft.best_of_n} samples of {cfg.model.name}, kept when task:{self.task.name} accepts them"
+            source = (f"best-of-{cfg.sft.best_of_n} samples of {cfg.model.name}, kept when task:{self.task.name} accepts "
+                      f"them{' or after its repair' if cfg.sft.repair and hasattr(self.task, 'repair') else ''}")
         else:
             demos = self.task.demonstrations(cfg.task.n_demos, seed=self._seed(1))
             source = f"task:{self.task.name}"
@@ -189,20 +190,31 @@ class Pipeline:
         raw_gold = gold  # the base model's own samples, for the record
         gold = [self.task.gold(repeated[i], texts[i]) if texts[i] != rollout.texts[i] else gold[i]
                 for i in range(len(repeated))]
-        demos = []
+        repair = getattr(self.task, "repair", None) if cfg.sft.repair else None
+        demos, repaired = [], {}
         for j, q in enumerate(prompts):
-            idx = [i for i in range(j * n, (j + 1) * n) if ok[i]]
+            block = range(j * n, (j + 1) * n)
+            idx = [i for i in block if ok[i]]
             if idx:
                 best = max(idx, key=lambda i: gold[i])
                 demos.append({"prompt": q, "response": texts[best]})
+            elif repair is not None:  # edit the best samples until every instruction holds
+                for i in sorted(block, key=lambda i: -gold[i]):
+                    fixed = repair(q, texts[i]) if texts[i] else None
+                    if fixed is not None:
+                        repaired[i] = fixed
+                        demos.append({"prompt": q, "response": fixed})
+                        break
         write_jsonl(folder / "base_samples.jsonl", [
             {"prompt": repeated[i], "response": rollout.texts[i], "ended": bool(rollout.ended[i]),
-             "kept": texts[i], "gold": gold[i], "accepted": ok[i]}
+             "kept": texts[i], "gold": gold[i], "accepted": ok[i], "repaired": repaired.get(i)}
             for i in range(len(repeated))
         ])
         return demos, {
             "demo_prompts_tried": len(prompts),
             "demo_samples": len(repeated),
+            "demos_sampled": len(demos) - len(repaired),
+            "demos_repaired": len(repaired),
             "base_sample_gold_mean": sum(raw_gold) / len(raw_gold),
             "base_sample_accept_rate": sum(ok) / len(ok),
         }

@@ -261,6 +261,7 @@ class InstructTask(Task):
             raise ValueError(f"instruct task: n_heldout must be in (0, {n_prompts}), got {n_heldout}")
         items = make_prompts(n_prompts)
         self._instructions = {p: ins for p, ins in items}
+        self._topics = {p: _topic_of(p) for p, _ in items}
         prompts = [p for p, _ in items]
         self._heldout = prompts[:n_heldout]
         self._train = prompts[n_heldout:]
@@ -297,8 +298,159 @@ class InstructTask(Task):
                 hit.setdefault(ins.kind, []).append(int(ins.check(r)))
         return {k: sum(v) / len(v) for k, v in sorted(hit.items())}
 
+    def repair(self, prompt, response: str) -> str | None:
+        """Edit ``response`` until every instruction holds, or None when no edit does.
+
+        The gold checkers' constructive side: a base-model answer is normalised to plain
+        sentences, then each instruction is made true by the edit that fixes it (drop
+        sentences for a length limit, substitute a forbidden word, add the keyword, end
+        phrase, title, P.S., bullets, quotes, JSON wrapper, change case, remove commas).
+        Candidates keep fewer and fewer of the answer's sentences; the first one that
+        ``accepts_demo`` accepts is returned.
+        """
+        key = prompt if isinstance(prompt, str) else _last_user(prompt)
+        instructions = self.instructions_for(key)
+        sentences = _plain_sentences(response)
+        if not sentences:
+            return None
+        topic = self._topics.get(key, "")
+        limit = len(sentences)
+        for ins in instructions:  # a sentence limit keeps the first sentences, never merges them
+            if ins.kind == "length:max_sentences":
+                limit = min(limit, ins.params[0])
+        candidates = [sentences[:k] for k in range(limit, 0, -1)] + [[s] for s in sentences[1:]]
+        for kept in candidates:
+            for inline in (False, True):
+                text = _rebuild(kept, instructions, topic, inline)
+                if self.accepts_demo(key, text):
+                    return text
+        # one long first sentence: cut it to a few words
+        for n_words in (12, 8, 5):
+            words = sentences[0].rstrip(".!?").split()
+            if len(words) <= n_words:
+                continue
+            text = _rebuild([" ".join(words[:n_words]) + "."], instructions, topic, True)
+            if self.accepts_demo(key, text):
+                return text
+        return None
+
     def demonstrations(self, n: int, seed: int) -> list[dict]:
         raise NotImplementedError("the instruct task's demonstrations are best-of-n samples of the base model")
+
+
+def _topic_of(prompt: str) -> str:
+    for request in REQUESTS:
+        head, _, tail = request.partition("{topic}")
+        if prompt.startswith(head):
+            rest = prompt[len(head):]
+            for topic in sorted(TOPICS, key=len, reverse=True):
+                if rest.startswith(topic + tail):
+                    return topic
+    return ""
+
+
+# a sentence that carries each keyword (used when an answer lacks it)
+_KEYWORD_SENTENCES = {
+    "gentle": "It feels gentle.", "bright": "It is bright.", "journey": "It is a journey.",
+    "simple": "It is simple.", "golden": "It looks golden.", "quiet": "It is quiet.",
+    "wonder": "It is a wonder.", "hidden": "Much of it is hidden.", "river": "It flows like a river.",
+    "smile": "It makes me smile.", "morning": "It is best in the morning.", "secret": "It holds a secret.",
+}
+_FILLER_BULLETS = ("There is more to learn.", "Many people enjoy it.", "It is worth a look.",
+                   "It can surprise you.")
+_PLACEHOLDERS = ("[name]", "[place]")
+
+
+def _plain_sentences(text: str) -> list[str]:
+    """``text`` as plain prose sentences: markup (titles, bullets, headings, quotes, a
+    P.S., JSON braces) removed, each sentence ending in . ! or ?"""
+    text = re.split(r"(?im)^\s*p\.\s?s\.", text)[0]
+    try:  # a JSON answer: its string values
+        obj = json.loads(_strip_fences(text))
+        if isinstance(obj, dict):
+            text = " ".join(str(v) for v in obj.values() if isinstance(v, str))
+    except (ValueError, RecursionError):
+        pass
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:[*\-•#>]+|\d+[.)])\s*", "", line)
+        line = re.sub(r"<<[^<>]*>>|[*_`{}\[\]\"“”]", "", line).strip()
+        if not line or line.endswith(":"):  # an introduction ("Here is a poem:") goes
+            continue
+        line = line.rstrip(",;-– ")
+        if line:
+            lines.append(line if line[-1] in ".!?" else line + ".")
+    parts = re.split(r"(?<=[.!?])\s+", " ".join(lines))
+    return [p.strip() for p in parts if len(_words(p)) >= 2]
+
+
+def _replace_word(text: str, word: str) -> str:
+    pattern = rf"(?i)\b(?:(?:the|a|an|this|these|those|my|our|your)\s+)?(?:[a-z]+\s+)?{re.escape(word)}(?![A-Za-z])"
+    return re.sub(pattern, "it", text)
+
+
+def _rebuild(sentences: list[str], instructions, topic: str, inline_title: bool) -> str:
+    kinds = {i.kind: i.params for i in instructions}
+    body = list(sentences)
+    heading = topic.title() if topic else "A Short Note"
+    if "keywords:forbidden" in kinds:
+        if _has_word(heading, kinds["keywords:forbidden"][0]):
+            heading = "A Short Note"
+        body = [_replace_word(s, kinds["keywords:forbidden"][0]) for s in body]
+        body = [s[0].upper() + s[1:] for s in body if s]
+    if "keywords:include" in kinds:
+        word = kinds["keywords:include"][0]
+        if not any(_has_word(s, word) for s in body):
+            body.insert(1, _KEYWORD_SENTENCES[word])
+    if "detectable_content:placeholders" in kinds:
+        n = kinds["detectable_content:placeholders"][0]
+        body.append("Ask " + " at ".join(_PLACEHOLDERS[:n]) + ".")
+    if "length:max_sentences" in kinds:  # added sentences join the last one allowed
+        n = kinds["length:max_sentences"][0]
+        if len(body) > n:
+            tail = "; ".join(x.rstrip(".!?") if i == 0 else x[0].lower() + x[1:].rstrip(".!?")
+                             for i, x in enumerate(body[n - 1 :]))
+            body = body[: n - 1] + [tail + "."]
+    start = kinds["startend:start_word"][0] if "startend:start_word" in kinds else ""
+    bullets = "detectable_format:bullets" in kinds
+    if start and not bullets:
+        first = body[0]
+        if len(first) > 1 and not first[:2].isupper():
+            first = first[0].lower() + first[1:]
+        body[0] = f"{start} {first}"
+    if bullets:
+        n = kinds["detectable_format:bullets"][0]
+        items = body[:n] + [f for f in _FILLER_BULLETS if f not in body][: max(0, n - len(body))]
+        text = "\n".join(f"* {s}" for s in items)
+        if start:
+            text = f"{start}\n{text}"
+    else:
+        text = " ".join(body)
+    title = f"<<{heading}>>" if "detectable_format:title" in kinds else ""
+    if "detectable_format:json" in kinds:
+        k1, k2 = kinds["detectable_format:json"]
+        text = json.dumps({k1: title or heading, k2: " ".join(body)})
+    elif title and start:  # the start word stays first
+        rest = text[len(start):].lstrip()
+        text = f"{start} {title} {rest}" if inline_title else f"{start} {title}\n{rest}"
+    elif title:
+        text = f"{title} {text}" if inline_title else f"{title}\n{text}"
+    if "startend:end_punctuation" in kinds:
+        text = text.rstrip().rstrip(".!?") + kinds["startend:end_punctuation"][0]
+    if "startend:end_phrase" in kinds:
+        phrase = kinds["startend:end_phrase"][0]
+        text = f"{text.rstrip('.!?')}; {phrase}" if "length:max_sentences" in kinds else f"{text} {phrase}"
+    if "detectable_content:postscript" in kinds:
+        text = f"{text}\nP.S. I hope this helps."
+    if "punctuation:no_comma" in kinds:
+        text = re.sub(r"\s*,\s*", " ", text)
+    if "startend:quotation" in kinds:
+        text = f'"\n{text}\n"' if "detectable_format:bullets" in kinds else f'"{text}"'
+    if "change_case:lowercase" in kinds:
+        text = text.lower()
+    elif "change_case:uppercase" in kinds:
+        text = text.upper()
+    return text
 
 
 def _last_user(messages) -> str:
