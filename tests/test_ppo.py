@@ -141,3 +141,50 @@ def test_sampling_copy_tracks_the_policy(tiny_path, lora):
                                        plain(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
     low = SamplingCopy(policy, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in low.model.parameters())
+
+
+def test_hidden_states_feed_the_lm_head(tiny_path, tiny_tokenizer):
+    """``return_hidden`` gives, per response token, the state the LM head read to predict it."""
+    from tether.models import sequence_logprobs, token_logprobs
+
+    torch.manual_seed(0)
+    model = load_policy(tiny_path, MODEL, LoRAConfig(enabled=True, r=4, alpha=8)).eval()
+    ids = torch.randint(3, 60, (3, 12))
+    att = torch.ones_like(ids)
+    att[0, :2] = 0  # left padding
+    start = 7
+    with torch.no_grad():
+        logps, hidden = sequence_logprobs(model, ids, att, start, return_hidden=True)
+        assert hidden.shape == (3, 12 - start, model.config.hidden_size)
+        logits = model.get_output_embeddings()(hidden)
+        assert torch.allclose(token_logprobs(logits, ids[:, start:]), logps, atol=1e-5)
+        assert torch.allclose(logps, sequence_logprobs(model, ids, att, start), atol=1e-6)
+
+
+def test_ppo_with_a_value_head_on_the_policy(tiny_path, tiny_tokenizer, tmp_path):
+    """critic=head: no second backbone; the head learns, the policy moves, and the value
+    loss leaves the policy's weights alone (features are detached)."""
+    from tether.algorithms.ppo import ValueHead
+
+    torch.manual_seed(0)
+    task = get_task("tiny")
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    policy = load_policy(tiny_path, MODEL, LoRAConfig(enabled=True, r=4, alpha=8))
+    head = ValueHead(policy.config.hidden_size)
+
+    def score(rollout):
+        return torch.tensor(task.gold_batch(rollout.prompts, rollout.texts))
+
+    logger = MetricsLogger(tmp_path / "m.jsonl")
+    train_ppo(policy, head, None, enc, task.train_prompts(), score, _cfg(steps=3), seed=1, logger=logger)
+    assert logger.history[0]["value/mean"] == 0.0  # a zero-initialised head
+    assert float(head.linear.weight.detach().abs().max()) > 0
+    assert logger.history[-1]["value/mean"] != 0.0
+
+    # the value loss alone puts no gradient on the policy
+    ids = torch.randint(3, 60, (2, 10))
+    from tether.models import sequence_logprobs
+
+    _, hidden = sequence_logprobs(policy, ids, torch.ones_like(ids), 6, return_hidden=True)
+    head(hidden).sum().backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in policy.parameters() if p.requires_grad)

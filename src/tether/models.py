@@ -197,17 +197,37 @@ def autocast_context(mode: str, device: torch.device | str = "cpu"):
 
 
 def sequence_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, *, return_logits: bool = False
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    *,
+    return_logits: bool = False,
+    return_hidden: bool = False,
 ):
     """Log-probs of tokens ``input_ids[:, start:]`` under ``model``, shape [B, L − start].
 
     ``start`` is the column where the responses begin (prompts left-padded to ``start``).
-    With ``return_logits`` also returns the aligned logits [B, L − start, V].
+    With ``return_logits`` also returns the aligned logits [B, L − start, V]; with
+    ``return_hidden`` (last) the hidden states the LM head read at those positions
+    [B, L − start, H] — the state before each response token, for a value head.
     """
     keep = input_ids.size(1) - start + 1
-    logits = policy_logits(model, input_ids, attention_mask, keep=keep)[:, :-1]
+    captured: list[torch.Tensor] = []
+    handle = None
+    if return_hidden:
+        head = _unwrap(model).get_output_embeddings()
+        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        logits = policy_logits(model, input_ids, attention_mask, keep=keep)[:, :-1]
+    finally:
+        if handle is not None:
+            handle.remove()
     logps = token_logprobs(logits, input_ids[:, start:])
-    return (logps, logits) if return_logits else logps
+    out = (logps, logits) if return_logits else (logps,)
+    if return_hidden:
+        out = (*out, captured[-1][:, -keep:][:, :-1])
+    return out if len(out) > 1 else out[0]
 
 
 def _unwrap(model):

@@ -385,8 +385,13 @@ class Pipeline:
         encoder = self.encoder()
         policy = load_policy(self.checkpoint("sft"), cfg.model, cfg.lora)
         reference = None if cfg.lora.enabled else frozen_copy(policy)
-        value_from = self.checkpoint("rm") if cfg.ppo.value_init == "rm" else self.checkpoint("sft")
-        value_model = load_scalar_model(value_from, cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
+        if cfg.ppo.critic == "head":
+            from tether.algorithms.ppo import ValueHead
+
+            value_model = ValueHead(policy.config.hidden_size)
+        else:
+            value_from = self.checkpoint("rm") if cfg.ppo.value_init == "rm" else self.checkpoint("sft")
+            value_model = load_scalar_model(value_from, cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
 
         if cfg.ppo.reward == "gold":
             def score_fn(rollout):

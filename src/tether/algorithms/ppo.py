@@ -27,7 +27,26 @@ from tether.models import reference_context, sequence_logprobs, token_scalars
 from tether.ops import entropy_from_logits, masked_mean, masked_whiten
 from tether.rollout import Rollout, SamplingCopy, active_autocast_dtype, generate, trimmed_batch
 
-__all__ = ["train_ppo", "make_kl_controller", "rollout_logprobs_and_values"]
+__all__ = ["train_ppo", "make_kl_controller", "rollout_logprobs_and_values", "ValueHead"]
+
+
+class ValueHead(torch.nn.Module):
+    """A critic without a second backbone: a linear map of the policy's last hidden states
+    (detached, so the value loss never moves the policy) to a value per position.
+
+    Starts at zero, so the first advantages are the whitened returns (a batch-mean
+    baseline) and the head learns the state values as PPO goes.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.linear(hidden.detach().float()).squeeze(-1)
 
 ScoreFn = Callable[[Rollout], torch.Tensor]
 GoldFn = Callable[[list, list], list]
@@ -59,17 +78,23 @@ def rollout_logprobs_and_values(policy, reference, value_model, rollout: Rollout
     total = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
     order = torch.argsort(total, stable=True)
     out = {k: torch.zeros(len(rollout), R) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
+    head = isinstance(value_model, ValueHead)
     policy.eval()
     value_model.eval()
     for s in _chunks(len(rollout), chunk):
         rows = order[s]
         i, m, start, width = trimmed_batch(rollout, rows, device)
-        logps, logits = sequence_logprobs(policy, i, m, start, return_logits=True)
+        if head:
+            logps, logits, hidden = sequence_logprobs(policy, i, m, start, return_logits=True, return_hidden=True)
+            values = value_model(hidden)
+        else:
+            logps, logits = sequence_logprobs(policy, i, m, start, return_logits=True)
+            values = token_scalars(value_model, i, m)[:, start - 1 : -1]
         out["logprobs"][rows] = _pad_to(logps.float().cpu(), R)
         out["entropy"][rows] = _pad_to(entropy_from_logits(logits).float().cpu(), R)
         with reference_context(policy, reference) as ref:
             out["ref_logprobs"][rows] = _pad_to(sequence_logprobs(ref, i, m, start).float().cpu(), R)
-        out["values"][rows] = _pad_to(token_scalars(value_model, i, m)[:, start - 1 : -1].float().cpu(), R)
+        out["values"][rows] = _pad_to(values.float().cpu(), R)
     policy.train()
     value_model.train()
     return out
@@ -92,7 +117,8 @@ def train_ppo(
 
     Args:
         policy: causal LM (peft model under LoRA).
-        value_model: sequence-classification model whose head gives per-token values.
+        value_model: sequence-classification model whose head gives per-token values, or a
+            :class:`ValueHead` on the policy's own hidden states.
         reference: frozen reference policy, or None to use ``policy`` with adapters disabled.
         encoder: tokenisation shared by every model (same tokenizer).
         prompts: training prompts, cycled in shuffled order.
@@ -156,8 +182,12 @@ def train_ppo(
                     j = mb_idx[mc]
                     ids, att, start, w = trimmed_batch(rollout, j, device)
                     m = mask[j][:, :w].to(device)
-                    logps = sequence_logprobs(policy, ids, att, start)
-                    values = token_scalars(value_model, ids, att)[:, start - 1 : -1]
+                    if isinstance(value_model, ValueHead):
+                        logps, hidden = sequence_logprobs(policy, ids, att, start, return_hidden=True)
+                        values = value_model(hidden)
+                    else:
+                        logps = sequence_logprobs(policy, ids, att, start)
+                        values = token_scalars(value_model, ids, att)[:, start - 1 : -1]
                     pl, pstats = ppo_policy_loss(logps, old_logprobs[j][:, :w].to(device),
                                                  advantages[j][:, :w].to(device), m, cfg.clip)
                     vl, vstats = value_loss(values, old_values[j][:, :w].to(device), returns[j][:, :w].to(device),
