@@ -11,7 +11,7 @@ import torch
 from tether.config import EvalConfig
 from tether.data.tokenize import Encoder
 from tether.models import sequence_logprobs
-from tether.rollout import generate
+from tether.rollout import generate, trimmed_batch
 from tether.tasks.base import Task
 
 __all__ = ["evaluate_policy", "mean_stderr", "bootstrap_ci"]
@@ -81,15 +81,18 @@ def evaluate_policy(
         result["breakdown"] = task.breakdown(repeated, rollout.texts)
     if reference is not None:
         device = next(policy.parameters()).device
-        kls = []
-        for b in range(0, len(rollout), cfg.generation.batch_size):
-            ids = rollout.input_ids[b : b + cfg.generation.batch_size].to(device)
-            att = rollout.attention_mask[b : b + cfg.generation.batch_size].to(device)
-            m = rollout.response_mask[b : b + cfg.generation.batch_size].to(device).float()
-            lp = sequence_logprobs(policy, ids, att, rollout.start)
-            rp = sequence_logprobs(reference, ids, att, rollout.start)
-            kls.extend(((lp - rp) * m).sum(dim=1).tolist())
-        kl_mean, kl_stderr = mean_stderr(kls)
+        kls = torch.zeros(len(rollout))
+        # rows of similar length together, each chunk trimmed of its all-padding columns
+        order = torch.argsort(rollout.attention_mask.sum(dim=1), stable=True)
+        size = cfg.generation.batch_size
+        for b in range(0, len(rollout), size):
+            rows = order[b : b + size]
+            ids, att, start, width = trimmed_batch(rollout, rows, device)
+            m = rollout.response_mask[rows][:, :width].to(device).float()
+            lp = sequence_logprobs(policy, ids, att, start)
+            rp = sequence_logprobs(reference, ids, att, start)
+            kls[rows] = ((lp - rp).float() * m).sum(dim=1).cpu()
+        kl_mean, kl_stderr = mean_stderr(kls.tolist())
         result["kl_to_ref"] = kl_mean
         result["kl_to_ref_stderr"] = kl_stderr
     result["samples"] = [
