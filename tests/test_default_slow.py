@@ -21,6 +21,12 @@ CUT = [
 ]
 
 
+def instruct_task():
+    from tether.tasks import get_task
+
+    return get_task("instruct")
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory, _tether_home):
     from tether.config import load_config
@@ -37,7 +43,11 @@ def test_default_pipeline_runs_every_stage(default_run):
     assert set(summary["stages"]) == {"data", "sft", "prefs", "rm", "ppo", "eval"}
     data = json.loads((out / "data" / "stage.json").read_text())
     assert data["demos"] > 0 and data["demo_samples"] == 96
-    assert 0 < data["base_sample_accept_rate"] < 1
+    assert 0 <= data["base_sample_accept_rate"] < 1
+    assert data["demos"] == data["demos_sampled"] + data["demos_repaired"] and data["demos_repaired"] > 0
+    for line in (out / "data" / "demos.jsonl").read_text().splitlines():  # every demo passes the checkers
+        demo = json.loads(line)
+        assert instruct_task().accepts_demo(demo["prompt"], demo["response"])
     for name in ("base", "sft", "ppo"):
         res = summary["eval"][name]
         assert res["n"] == 8 and math.isfinite(res["gold_mean"]) and -1 <= res["gold_mean"] <= 1

@@ -253,6 +253,8 @@ class EvalConfig:
     n_prompts: int = _f(128, "Held-out prompts to evaluate each policy on.")
     samples_per_prompt: int = _f(2, "Sampled responses per prompt (the standard error is over prompts).")
     policies: list = _f(["base", "sft", "ppo"], "Policies to evaluate: base, sft, ppo.")
+    kl: list = _f(["sft", "ppo"], "Policies whose KL to their reference is measured (sft vs base, ppo vs sft); "
+                  "each costs two forward passes over its samples.")
     generation: GenerationConfig = _sub(GenerationConfig, "Sampling for evaluation.")
 
     def __post_init__(self) -> None:
@@ -260,6 +262,8 @@ class EvalConfig:
         _check(self.samples_per_prompt > 0, "samples_per_prompt", "must be > 0")
         bad = [p for p in self.policies if p not in ("base", "sft", "ppo")]
         _check(not bad, "policies", f"unknown policies {bad}; choose from base, sft, ppo")
+        bad = [p for p in self.kl if p not in ("sft", "ppo")]
+        _check(not bad, "kl", f"unknown policies {bad}; choose from sft, ppo")
 
 
 @dataclass

@@ -425,7 +425,7 @@ class Pipeline:
             policy = self.frozen_policy(path)
             ref_name = refs.get(name)
             reference = None
-            if ref_name is not None and ref_name in (*cfg.eval.policies, "base"):
+            if ref_name is not None and name in cfg.eval.kl:
                 reference = self.frozen_policy(paths[ref_name] or self.checkpoint(ref_name))
             _say(f"  evaluating {name} on {min(len(prompts), cfg.eval.n_prompts)} held-out prompts")
             from tether.engine import progress_bar
