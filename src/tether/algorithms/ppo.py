@@ -48,6 +48,17 @@ class ValueHead(torch.nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return self.linear(hidden.detach().float()).squeeze(-1)
 
+def _logprobs_and_values(policy, value_model, ids, att, start: int, *, return_logits: bool = False):
+    """Response log-probs and values [B, W] (and logits): one policy forward pass when the
+    critic is a :class:`ValueHead`, a second backbone's forward otherwise."""
+    head = isinstance(value_model, ValueHead)
+    out = sequence_logprobs(policy, ids, att, start, return_logits=return_logits, return_hidden=head)
+    out = out if isinstance(out, tuple) else (out,)
+    values = value_model(out[-1]) if head else token_scalars(value_model, ids, att)[:, start - 1 : -1]
+    body = out[:-1] if head else out
+    return (*body, values)
+
+
 ScoreFn = Callable[[Rollout], torch.Tensor]
 GoldFn = Callable[[list, list], list]
 
@@ -78,18 +89,12 @@ def rollout_logprobs_and_values(policy, reference, value_model, rollout: Rollout
     total = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
     order = torch.argsort(total, stable=True)
     out = {k: torch.zeros(len(rollout), R) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
-    head = isinstance(value_model, ValueHead)
     policy.eval()
     value_model.eval()
     for s in _chunks(len(rollout), chunk):
         rows = order[s]
         i, m, start, width = trimmed_batch(rollout, rows, device)
-        if head:
-            logps, logits, hidden = sequence_logprobs(policy, i, m, start, return_logits=True, return_hidden=True)
-            values = value_model(hidden)
-        else:
-            logps, logits = sequence_logprobs(policy, i, m, start, return_logits=True)
-            values = token_scalars(value_model, i, m)[:, start - 1 : -1]
+        logps, logits, values = _logprobs_and_values(policy, value_model, i, m, start, return_logits=True)
         out["logprobs"][rows] = _pad_to(logps.float().cpu(), R)
         out["entropy"][rows] = _pad_to(entropy_from_logits(logits).float().cpu(), R)
         with reference_context(policy, reference) as ref:
@@ -182,12 +187,7 @@ def train_ppo(
                     j = mb_idx[mc]
                     ids, att, start, w = trimmed_batch(rollout, j, device)
                     m = mask[j][:, :w].to(device)
-                    if isinstance(value_model, ValueHead):
-                        logps, hidden = sequence_logprobs(policy, ids, att, start, return_hidden=True)
-                        values = value_model(hidden)
-                    else:
-                        logps = sequence_logprobs(policy, ids, att, start)
-                        values = token_scalars(value_model, ids, att)[:, start - 1 : -1]
+                    logps, values = _logprobs_and_values(policy, value_model, ids, att, start)
                     pl, pstats = ppo_policy_loss(logps, old_logprobs[j][:, :w].to(device),
                                                  advantages[j][:, :w].to(device), m, cfg.clip)
                     vl, vstats = value_loss(values, old_values[j][:, :w].to(device), returns[j][:, :w].to(device),
