@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     from tether.data.io import DataError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # peft asks transformers a deprecated question on every LoRA wrap; not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
