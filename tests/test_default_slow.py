@@ -45,9 +45,10 @@ def test_default_pipeline_runs_every_stage(default_run):
     assert data["demos"] > 0 and data["demo_samples"] == 96
     assert 0 <= data["base_sample_accept_rate"] < 1
     assert data["demos"] == data["demos_sampled"] + data["demos_repaired"] and data["demos_repaired"] > 0
+    task = instruct_task()
     for line in (out / "data" / "demos.jsonl").read_text().splitlines():  # every demo passes the checkers
         demo = json.loads(line)
-        assert instruct_task().accepts_demo(demo["prompt"], demo["response"])
+        assert task.accepts_demo(demo["prompt"], demo["response"])
     for name in ("base", "sft", "ppo"):
         res = summary["eval"][name]
         assert res["n"] == 8 and math.isfinite(res["gold_mean"]) and -1 <= res["gold_mean"] <= 1

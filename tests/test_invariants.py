@@ -105,11 +105,10 @@ def test_training_inside_one_autocast_context_sees_every_step(tiny_path, tiny_to
     torch.manual_seed(0)
     model = load_policy(tiny_path, MODEL, LoRAConfig(enabled=True, r=4, alpha=8))
     per_step = copy.deepcopy(model)
-    cfg = SFTConfig(epochs=1, optim=OptimConfig(lr=1e-2, batch_size=8, micro_batch_size=8))
 
     def train(m, one_context: bool) -> list[float]:
         params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=cfg.optim.lr * 10)
+        opt = torch.optim.SGD(params, lr=0.1)
         losses = []
         with autocast_context("bfloat16") if one_context else contextlib.nullcontext():
             for _ in range(3):

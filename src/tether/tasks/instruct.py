@@ -16,9 +16,10 @@ empty answers that trivially satisfy "no commas" loses gold while its proxy rewa
 
 Prompts are generated from a fixed seed, so train and held-out prompts are the same in
 every run; the checkers of each prompt are kept beside it (``instructions_for``).
-Demonstrations are not written by the task: the pipeline samples the base model several
-times per training prompt and keeps the best sample when every instruction holds
-(best-of-n rejection sampling, ``accepts_demo``).
+Demonstrations are not written from scratch by the task: the pipeline samples the base
+model (``sft.best_of_n`` times per training prompt) and keeps the best sample when every
+instruction holds (rejection sampling, ``accepts_demo``); otherwise ``repair`` edits the
+best samples until the checkers accept one.
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ class InstructTask(Task):
         return None
 
     def demonstrations(self, n: int, seed: int) -> list[dict]:
-        raise NotImplementedError("the instruct task's demonstrations are best-of-n samples of the base model")
+        raise NotImplementedError("the instruct task's demonstrations are base-model samples, kept or repaired")
 
 
 def _topic_of(prompt: str) -> str:
