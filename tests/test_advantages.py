@@ -11,10 +11,12 @@ from tether.advantages import (
     AdaptiveKLController,
     FixedKLController,
     gae,
+    group_baseline,
     kl_k1,
     kl_k2,
     kl_k3,
     kl_penalized_rewards,
+    rloo_advantages,
 )
 
 F64 = torch.float64
@@ -381,3 +383,39 @@ def test_fixed_kl_controller():
     d = FixedKLController(1.0)
     d.load_state_dict(state)
     assert d.value == 0.05 and d.update(7.0, 3) == 0.05
+
+
+# --------------------------------------------------------------------------- group baselines
+
+
+def test_group_baseline_hand():
+    r = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]], dtype=F64)
+    loo = group_baseline(r, "loo")
+    assert torch.allclose(loo, torch.tensor([[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]], dtype=F64), atol=1e-12)
+    mean = group_baseline(r, "mean")
+    assert torch.allclose(mean, torch.tensor([[3.0] * 3, [1.0] * 3], dtype=F64), atol=1e-12)
+    adv = rloo_advantages(r)
+    assert torch.allclose(adv, torch.tensor([[-3.0, -1.5, 4.5], [-1.5, -1.5, 3.0]], dtype=F64), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 4), (5, 8)])
+def test_rloo_advantages_naive(shape):
+    r = torch.randn(*shape, generator=_gen(3), dtype=F64)
+    adv = rloo_advantages(r)
+    for b in range(shape[0]):
+        for i in range(shape[1]):
+            others = [float(r[b, j]) for j in range(shape[1]) if j != i]
+            close(adv[b, i], float(r[b, i]) - sum(others) / len(others))
+    # each group's advantages sum to zero, and a constant per prompt changes nothing
+    assert torch.allclose(adv.sum(dim=1), torch.zeros(shape[0], dtype=F64), atol=1e-12)
+    shift = torch.randn(shape[0], 1, generator=_gen(4), dtype=F64)
+    assert torch.allclose(rloo_advantages(r + shift), adv, atol=1e-12)
+
+
+def test_group_baseline_errors():
+    with pytest.raises(ValueError, match="at least 2"):
+        group_baseline(torch.zeros(3, 1), "loo")
+    with pytest.raises(ValueError, match=r"\[B, G\]"):
+        group_baseline(torch.zeros(3), "loo")
+    with pytest.raises(ValueError, match="unknown baseline"):
+        group_baseline(torch.zeros(3, 2), "median")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tether.algorithms.ppo import rollout_logprobs_and_values, train_ppo
-from tether.config import GenerationConfig, LoRAConfig, ModelConfig, OptimConfig, PPOConfig
+from tether.config import GenerationConfig, KLConfig, LoRAConfig, ModelConfig, OptimConfig, PPOConfig
 from tether.data.tokenize import Encoder
 from tether.engine import MetricsLogger
 from tether.models import frozen_copy, load_policy, load_scalar_model, save_checkpoint
@@ -188,3 +188,91 @@ def test_ppo_with_a_value_head_on_the_policy(tiny_path, tiny_tokenizer, tmp_path
     _, hidden = sequence_logprobs(policy, ids, torch.ones_like(ids), 6, return_hidden=True)
     head(hidden).sum().backward()
     assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in policy.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("baseline", ["loo", "none"])
+def test_score_baseline_removes_what_depends_only_on_the_prompt(tiny_path, tiny_tokenizer, baseline):
+    """samples_per_prompt=4: each prompt's samples sit side by side; a score that depends
+    only on the prompt is all baseline under 'loo' (nothing to learn: the policy and the
+    head stay put at β = 0), while without a baseline PPO follows it across prompts."""
+    from tether.algorithms.ppo import ValueHead
+
+    torch.manual_seed(0)
+    task = get_task("tiny")
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    policy = load_policy(tiny_path, MODEL, LoRAConfig(enabled=True, r=4, alpha=8))
+    head = ValueHead(policy.config.hidden_size)
+    before = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
+    seen = []
+
+    def score(rollout):
+        seen.append(list(rollout.prompts))
+        return torch.tensor([float(len(str(p)) % 7) for p in rollout.prompts])
+
+    cfg = _cfg(steps=2, samples_per_prompt=4, micro_batch_size=4, score_baseline=baseline, kl=KLConfig(init_coef=0.0, controller="fixed"))
+    train_ppo(policy, head, None, enc, task.train_prompts(), score, cfg, seed=1)
+    for prompts in seen:
+        assert len(prompts) == 8 and all(prompts[i] == prompts[i - i % 4] for i in range(8))
+        assert prompts[0] != prompts[4]
+    moved = any(float((p.detach() - b).abs().max()) > 0
+                for p, b in zip((p for p in policy.parameters() if p.requires_grad), before))
+    assert moved == (baseline == "none")
+
+
+def test_score_baseline_config_checks():
+    from tether.config import ConfigError
+
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        _cfg(samples_per_prompt=3, share_prompt=False)  # does not divide rollout_batch_size 8
+    with pytest.raises(ConfigError, match="score_baseline"):
+        _cfg(score_baseline="loo")
+
+
+@pytest.mark.parametrize("critic", ["head", "model"])
+def test_shared_prompt_ppo_equals_full_rows(tiny_path, tiny_tokenizer, critic):
+    """share_prompt (each prompt run once for its G samples) changes the cost, not the
+    result: the same rollouts, scores, values, losses and updates as full rows."""
+    from tether.algorithms.ppo import ValueHead
+    from tether.algorithms.reward import score_rollout
+
+    task = get_task("tiny")
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    lcfg = LoRAConfig(enabled=True, r=4, alpha=8)
+    torch.manual_seed(0)
+    rm = load_scalar_model(tiny_path, MODEL, lcfg, pad_token_id=enc.pad_id)
+    for name, p in rm.named_parameters():  # a reward model whose scores differ between samples
+        if "lora_B" in name or "score" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(7))
+    rm.requires_grad_(False)
+    runs = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        policy = load_policy(tiny_path, MODEL, lcfg)
+        value = (ValueHead(policy.config.hidden_size) if critic == "head"
+                 else load_scalar_model(tiny_path, MODEL, lcfg, pad_token_id=enc.pad_id))
+        calls = []
+
+        def score(rollout, group=1):
+            calls.append(group)
+            return score_rollout(rm, rollout, chunk=4, group=group)
+
+        logger = MetricsLogger(None)
+        cfg = _cfg(steps=2, samples_per_prompt=4, micro_batch_size=4, score_baseline="loo", share_prompt=share)
+        train_ppo(policy, value, None, enc, task.train_prompts(), score, cfg, seed=3, logger=logger)
+        runs.append((logger.history, calls, [p.detach().clone() for n, p in policy.named_parameters() if "lora_B" in n]))
+    (h_share, c_share, w_share), (h_full, c_full, w_full) = runs
+    assert c_share == [4, 4] and c_full == [1, 1]
+    for a, b in zip(h_share, h_full):
+        for key in ("reward/score", "kl/ref", "loss/policy", "loss/value", "value/mean", "policy/entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+    for a, b in zip(w_share, w_full):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert any(float(w.abs().max()) > 0 for w in w_share)  # LoRA B starts at zero: the policy moved
+
+
+def test_share_prompt_needs_whole_groups_per_micro_batch():
+    from tether.config import ConfigError
+
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        _cfg(samples_per_prompt=4, micro_batch_size=2)
+    _cfg(samples_per_prompt=4, micro_batch_size=2, share_prompt=False)  # full rows: any split works

@@ -16,6 +16,8 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "kl_penalized_rewards",
+    "group_baseline",
+    "rloo_advantages",
     "AdaptiveKLController",
     "FixedKLController",
 ]
@@ -100,6 +102,31 @@ def kl_penalized_rewards(
     rows = torch.arange(rewards.size(0), device=rewards.device)
     rewards[rows, last] += scores.to(rewards.dtype)
     return rewards
+
+
+def group_baseline(scores: torch.Tensor, mode: str = "loo") -> torch.Tensor:
+    """Per-prompt baselines for sequence scores laid out [B, G] (G samples of each prompt).
+
+    ``mode="loo"``: for each sample, the mean score of the other G − 1 samples of its
+    prompt (Kool et al. 2019; needs G ≥ 2), an unbiased baseline since it does not depend
+    on the sample itself. ``mode="mean"``: the group mean, including the sample.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"group_baseline expects scores [B, G], got shape {tuple(scores.shape)}")
+    g = scores.size(1)
+    if mode == "mean":
+        return scores.mean(dim=1, keepdim=True).expand_as(scores)
+    if mode == "loo":
+        if g < 2:
+            raise ValueError("a leave-one-out baseline needs at least 2 samples per prompt")
+        return (scores.sum(dim=1, keepdim=True) - scores) / (g - 1)
+    raise ValueError(f"unknown baseline mode {mode!r}; choose 'loo' or 'mean'")
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024) for rewards [B, G]:
+    ``r_i − mean_{j≠i} r_j`` within each prompt's group of G ≥ 2 samples."""
+    return rewards - group_baseline(rewards, "loo")
 
 
 class AdaptiveKLController:

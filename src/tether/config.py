@@ -188,6 +188,8 @@ class RMConfig:
     )
     epochs: float = _f(2.0, "Passes over the rankings.")
     max_steps: int = _f(0, "Stop after this many optimiser steps (0 = use epochs).")
+    share_prompt: bool = _f(True, "Run each ranking's prompt once for its K responses (its KV cache repeated): "
+                                  "the same scores and gradients for about half the compute at K = 4.")
     optim: OptimConfig = _sub(OptimConfig, "Optimiser for the reward model (batch = rankings).")
 
     def __post_init__(self) -> None:
@@ -227,6 +229,15 @@ class PPOConfig:
     value_init: Literal["rm", "sft"] = _f("rm", "critic=model: initialise the value model from the reward model (InstructGPT) or the SFT policy.")
     value_lr: float = _f(0.0, "Learning rate of the value model (0 = same as optim.lr).")
     reward: Literal["rm", "gold"] = _f("rm", "Optimise the reward model's score or the task's gold score.")
+    samples_per_prompt: int = _f(1, "Responses sampled per prompt in a rollout batch (rollout_batch_size / this "
+                                    "many prompts per batch).")
+    score_baseline: Literal["none", "loo"] = _f(
+        "none", "Subtract from each response's score the mean score of the other samples of the same prompt "
+                "(needs samples_per_prompt ≥ 2). A Bradley-Terry reward model is only defined up to a constant per "
+                "prompt; this removes that constant, so PPO's advantages compare answers to the same prompt.")
+    share_prompt: bool = _f(True, "With samples_per_prompt > 1, run each prompt once for all its samples (its KV "
+                                  "cache repeated): the same results for less compute. Needs mini_batch_size and "
+                                  "micro_batch_size to be multiples of samples_per_prompt.")
     kl: KLConfig = _sub(KLConfig, "KL penalty to the reference (SFT) policy.")
     generation: GenerationConfig = _sub(GenerationConfig, "Rollout sampling.")
     optim: OptimConfig = _sub(OptimConfig, "Policy optimiser (batch sizes are taken from this section).")
@@ -244,6 +255,18 @@ class PPOConfig:
             "micro_batch_size",
             f"must divide mini_batch_size ({self.mini_batch_size})",
         )
+        _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be ≥ 1")
+        _check(
+            self.rollout_batch_size % self.samples_per_prompt == 0,
+            "samples_per_prompt",
+            f"must divide rollout_batch_size ({self.rollout_batch_size})",
+        )
+        _check(self.score_baseline == "none" or self.samples_per_prompt >= 2, "score_baseline",
+               "'loo' needs samples_per_prompt ≥ 2")
+        if self.share_prompt and self.samples_per_prompt > 1:
+            _check(self.micro_batch_size % self.samples_per_prompt == 0, "micro_batch_size",
+                   f"must be a multiple of samples_per_prompt ({self.samples_per_prompt}) with share_prompt "
+                   "(or set share_prompt: false)")
         _check(0 < self.clip < 1, "clip", "must be in (0, 1)")
         _check(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "lam", "gamma and lam must be in [0, 1]")
 

@@ -400,8 +400,8 @@ class Pipeline:
             reward_model = load_scalar_model(self.checkpoint("rm"), cfg.model, pad_token_id=encoder.pad_id)
             reward_model.requires_grad_(False)
 
-            def score_fn(rollout):
-                return score_rollout(reward_model, rollout, cfg.ppo.micro_batch_size)
+            def score_fn(rollout, group=1):
+                return score_rollout(reward_model, rollout, cfg.ppo.micro_batch_size, group)
 
         logger = MetricsLogger(folder / "metrics.jsonl")
         result = train_ppo(policy, value_model, reference, encoder, self.task.train_prompts(), score_fn, cfg.ppo,

@@ -14,47 +14,59 @@ import torch
 
 from tether.config import RMConfig
 from tether.data.schemas import Ranking
-from tether.data.tokenize import Encoder, pad_right
+from tether.data.tokenize import Encoder, pad_left, pad_right
 from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
 from tether.losses import plackett_luce_loss, ranking_pairwise_loss
-from tether.models import token_scalars
+from tether.models import grouped_token_scalars, token_scalars
 
 __all__ = ["collate_rankings", "ranking_scores", "train_reward", "score_responses", "score_rollout", "pairwise_accuracy"]
 
 RANKING_LOSSES = {"bradley_terry": ranking_pairwise_loss, "plackett_luce": plackett_luce_loss}
 
 
-def collate_rankings(encoder: Encoder, rankings: list[Ranking]) -> dict[str, torch.Tensor]:
-    """Flatten rankings (best first) into right-padded sequences.
+def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bool = True) -> dict[str, torch.Tensor]:
+    """Flatten rankings (best first) into sequences, ``slots`` [B, Kmax] (row into the N
+    sequences, −1 for padding) and ``slot_mask`` [B, Kmax].
 
-    Returns ``input_ids``/``attention_mask`` [N, L] for all responses, ``last`` [N] (index of
-    each sequence's final token), and ``slots`` [B, Kmax] (row into the N sequences, −1 for
-    padding) with ``slot_mask`` [B, Kmax].
+    When every ranking has the same K (and ``share_prompt``), the prompt is kept apart:
+    ``query_ids``/``query_mask`` [N, P] left-padded (each prompt K times) and
+    ``response_ids``/``response_mask`` [N, W] right-padded, so that the model runs each
+    prompt once for its K responses. Otherwise ``input_ids``/``attention_mask`` [N, L] hold
+    whole right-padded sequences and ``last`` [N] each one's final token.
     """
-    seqs, slots = [], []
     k_max = max(len(r.responses) for r in rankings)
+    grouped = share_prompt and all(len(r.responses) == k_max for r in rankings)
+    queries, answers, slots = [], [], []
     for r in rankings:
         row = []
         for response in r.ranked():
             p, resp = encoder.example(r.prompt, response)
-            row.append(len(seqs))
-            seqs.append(p + resp)
+            row.append(len(answers))
+            queries.append(p)
+            answers.append(resp)
         slots.append(row + [-1] * (k_max - len(row)))
-    input_ids, attention_mask = pad_right(seqs, encoder.pad_id)
     slots_t = torch.tensor(slots, dtype=torch.long)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "last": attention_mask.sum(dim=1) - 1,
-        "slots": slots_t,
-        "slot_mask": slots_t >= 0,
-    }
+    out = {"slots": slots_t, "slot_mask": slots_t >= 0}
+    if grouped and all(len(a) > 0 for a in answers):
+        out["query_ids"], out["query_mask"] = pad_left(queries, encoder.pad_id)
+        out["response_ids"], out["response_mask"] = pad_right(answers, encoder.pad_id)
+        out["group"] = torch.tensor(k_max)
+        return out
+    input_ids, attention_mask = pad_right([q + a for q, a in zip(queries, answers)], encoder.pad_id)
+    out.update(input_ids=input_ids, attention_mask=attention_mask, last=attention_mask.sum(dim=1) - 1)
+    return out
 
 
 def ranking_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Scores [B, Kmax] of a collated ranking batch (0 in padded slots)."""
-    per_token = token_scalars(model, batch["input_ids"], batch["attention_mask"])
-    seq = per_token[torch.arange(per_token.size(0), device=per_token.device), batch["last"]]
+    if "group" in batch:
+        lengths = batch["response_mask"].sum(dim=1)
+        per_token = grouped_token_scalars(model, batch["query_ids"], batch["query_mask"], batch["response_ids"],
+                                          batch["response_mask"], int(batch["group"]))
+        seq = per_token[torch.arange(per_token.size(0), device=per_token.device), lengths]
+    else:
+        per_token = token_scalars(model, batch["input_ids"], batch["attention_mask"])
+        seq = per_token[torch.arange(per_token.size(0), device=per_token.device), batch["last"]]
     slots = batch["slots"].clamp(min=0)
     return seq[slots] * batch["slot_mask"].to(seq.dtype)
 
@@ -86,7 +98,7 @@ def train_reward(
     bar = progress_bar(total, "reward model")
     steps = batch_indices(len(rankings), optim.batch_size, optim.micro_batch_size, total, generator)
     for step, micro_idx in enumerate(steps):
-        micro = [collate_rankings(encoder, [rankings[i] for i in idx]) for idx in micro_idx]
+        micro = [collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt) for idx in micro_idx]
         n_global = sum(_n_terms(m, cfg.loss) for m in micro)
         loss_total, correct, pairs = 0.0, 0, 0
         for m in micro:
@@ -135,27 +147,31 @@ def score_responses(model, encoder: Encoder, prompts: list, responses: list[str]
 
 
 @torch.no_grad()
-def score_rollout(model, rollout, chunk: int = 64) -> torch.Tensor:
+def score_rollout(model, rollout, chunk: int = 64, group: int = 1) -> torch.Tensor:
     """Reward of each sampled response, read from the rollout's own token ids: [B] float32.
 
     The score sits at each response's last token (its EOS when it ended), so no text is
-    re-tokenised between the policy and the reward model (they share a tokenizer).
+    re-tokenised between the policy and the reward model (they share a tokenizer). With
+    ``group`` > 1 the rows come in groups of ``group`` samples of one prompt, and each
+    prompt runs once for its group.
     """
+    from tether.rollout import group_chunks, group_tensors, trimmed_batch
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
+    scores = torch.zeros(len(rollout))
     try:
-        from tether.rollout import trimmed_batch
-
-        total = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
-        order = torch.argsort(total, stable=True)  # similar lengths share a forward pass
-        scores = torch.zeros(len(rollout))
-        for b in range(0, len(rollout), chunk):
-            rows = order[b : b + chunk]
-            ids, att, start, _ = trimmed_batch(rollout, rows, device)
-            last = start + rollout.response_mask[rows].sum(1).to(device) - 1
-            scores[rows] = token_scalars(model, ids, att)[torch.arange(ids.size(0), device=device), last].float().cpu()
+        for rows in group_chunks(rollout, group, chunk):  # similar lengths share a forward pass
+            lengths = rollout.response_mask[rows].sum(1).to(device)
+            at = torch.arange(len(rows), device=device)
+            if group > 1:
+                q, qm, r, rm, _ = group_tensors(rollout, rows, device)
+                out = grouped_token_scalars(model, q, qm, r, rm, group)[at, lengths]
+            else:
+                ids, att, start, _ = trimmed_batch(rollout, rows, device)
+                out = token_scalars(model, ids, att)[at, start + lengths - 1]
+            scores[rows] = out.float().cpu()
     finally:
         model.train(was_training)
     return scores

@@ -14,7 +14,7 @@ import torch
 from tether.config import GenerationConfig
 from tether.data.tokenize import Encoder, pad_left
 
-__all__ = ["Rollout", "generate", "SamplingCopy", "active_autocast_dtype", "trimmed_batch"]
+__all__ = ["Rollout", "generate", "SamplingCopy", "active_autocast_dtype", "trimmed_batch", "group_tensors", "group_chunks"]
 
 
 @dataclass
@@ -83,6 +83,25 @@ def trimmed_batch(rollout: "Rollout", rows, device) -> tuple[torch.Tensor, torch
     end = start + width
     return rollout.input_ids[rows][:, first:end].to(device), att[:, first:end].to(device), start - first, width
 
+
+def group_tensors(rollout: "Rollout", rows, device):
+    """Queries [b, P] and responses trimmed to their longest [b, W] of some rollout rows."""
+    r_mask = rollout.response_mask[rows]
+    width = max(int(r_mask.sum(dim=1).max()), 1)
+    return (rollout.query_ids[rows].to(device), rollout.query_mask[rows].to(device),
+            rollout.response_ids[rows][:, :width].to(device), r_mask[:, :width].to(device), width)
+
+
+def group_chunks(rollout: "Rollout", group: int, chunk: int):
+    """Row index tensors of at most max(chunk, group) rows, whole groups of ``group``
+    adjacent rows each, groups of similar total length together (less padding)."""
+    n_groups = len(rollout) // group
+    total = (rollout.query_mask.sum(1) + rollout.response_mask.sum(1)).view(n_groups, group).max(dim=1).values
+    order = torch.argsort(total, stable=True)
+    per = max(chunk // group, 1)
+    for b in range(0, n_groups, per):
+        g = order[b : b + per]
+        yield (g.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
 
 
 def _static_cache_ok(model, device) -> bool:
