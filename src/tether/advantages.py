@@ -18,6 +18,7 @@ __all__ = [
     "kl_penalized_rewards",
     "group_baseline",
     "rloo_advantages",
+    "grpo_advantages",
     "AdaptiveKLController",
     "FixedKLController",
 ]
@@ -127,6 +128,33 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """REINFORCE leave-one-out advantages (Ahmadian et al. 2024) for rewards [B, G]:
     ``r_i − mean_{j≠i} r_j`` within each prompt's group of G ≥ 2 samples."""
     return rewards - group_baseline(rewards, "loo")
+
+
+def grpo_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024, §4.1.2) for rewards [B, G].
+
+    Each reward minus its group's mean, then divided by
+    ``scale="group"``: the group's sample standard deviation + ε (GRPO);
+    ``scale="batch"``: the standard deviation of all B·G rewards + ε;
+    ``scale="none"``: nothing (Dr. GRPO, Liu et al. 2025, which drops the division as
+    a bias towards low-spread groups).
+    A group whose rewards are all equal gets zero advantage, never NaN.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"grpo_advantages expects rewards [B, G], got shape {tuple(rewards.shape)}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown scale {scale!r}; choose 'group', 'batch' or 'none'")
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    flat = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
+    centred = centred.masked_fill(flat, 0.0)  # exactly 0, not the mean's rounding error
+    if scale == "none":
+        return centred
+    if scale == "group":
+        if rewards.size(1) < 2:
+            raise ValueError("scale='group' needs at least 2 samples per prompt")
+        return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
+    return centred / (std + eps)
 
 
 class AdaptiveKLController:

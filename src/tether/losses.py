@@ -17,6 +17,11 @@ __all__ = [
     "plackett_luce_loss",
     "ppo_policy_loss",
     "value_loss",
+    "DPO_VARIANTS",
+    "dpo_loss",
+    "simpo_loss",
+    "orpo_loss",
+    "grpo_policy_loss",
 ]
 
 
@@ -172,4 +177,223 @@ def value_loss(
             "clipfrac": masked_mean((err_clipped > err).to(values.dtype), mask),
             "error": masked_mean(err, mask),
         }
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- the DPO family
+#
+# Inputs are sequence log-probs: the sum over a response's tokens of log π(y_t | x, y_<t),
+# shape [B]. h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) is the
+# difference of implicit rewards divided by β (Rafailov et al. 2023, eq. 7).
+
+
+def _dpo_sigmoid(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    # DPO (Rafailov et al. 2023, eq. 7); with ε > 0 the conservative DPO of Mitchell 2023:
+    # the label is taken to be flipped with probability ε.
+    return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def _dpo_ipo(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:  # noqa: ARG001
+    # IPO (Azar et al. 2023, eq. 17): regress h onto 1/(2β) instead of pushing it to infinity.
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def _dpo_hinge(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:  # noqa: ARG001
+    # SLiC-HF's calibration loss (Zhao et al. 2023): max(0, 1 − β·h).
+    return torch.relu(1.0 - beta * h)
+
+
+#: the variants of :func:`dpo_loss`, by name: ``loss_per_pair(h, beta, label_smoothing)``.
+DPO_VARIANTS = {"sigmoid": _dpo_sigmoid, "ipo": _dpo_ipo, "hinge": _dpo_hinge}
+
+
+def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        margins = chosen_rewards - rejected_rewards
+        return {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margin": margins.mean(),
+            "rewards/accuracy": (margins > 0).to(margins.dtype).mean(),
+        }
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    variant: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference optimisation and its variants.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: [B] sequence log-probs of the preferred
+            and the dispreferred response under the policy (with gradients).
+        ref_chosen_logps, ref_rejected_logps: [B] the same under the frozen reference.
+        beta: β, the strength of the implicit KL tether to the reference.
+        variant: ``"sigmoid"`` (DPO), ``"ipo"`` or ``"hinge"``; see :data:`DPO_VARIANTS`.
+            IPO is usually given length-averaged log-probs (as its paper does).
+        label_smoothing: ε ∈ [0, 0.5), sigmoid only: conservative DPO for noisy labels.
+
+    Returns: ``(loss, metrics)``; loss = mean over pairs of the variant's loss of
+    ``h = (π_w − ref_w) − (π_l − ref_l)``. Metrics (detached): the implicit rewards
+    ``β(log π − log π_ref)`` of chosen and rejected (``rewards/chosen``, ``rewards/rejected``),
+    their mean margin, the share of pairs whose margin is positive (``rewards/accuracy``),
+    and the mean sequence log-probs (``logps/chosen``, ``logps/rejected``).
+    """
+    if variant not in DPO_VARIANTS:
+        raise ValueError(f"unknown DPO variant {variant!r}; choose one of {sorted(DPO_VARIANTS)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and variant != "sigmoid":
+        raise ValueError("label_smoothing applies to the sigmoid variant only")
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    losses = DPO_VARIANTS[variant](chosen - rejected, beta, label_smoothing)
+    metrics = _pair_metrics(beta * chosen.detach(), beta * rejected.detach())
+    metrics["logps/chosen"] = policy_chosen_logps.detach().mean()
+    metrics["logps/rejected"] = policy_rejected_logps.detach().mean()
+    return losses.mean(), metrics
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO (Meng et al. 2024, eq. 6): reference-free and length-normalised.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: [B] summed sequence log-probs.
+        chosen_lengths, rejected_lengths: [B] response lengths in tokens (≥ 1).
+        beta: scale of the length-normalised reward ``β/|y| · log π(y|x)``.
+        gamma: target reward margin γ.
+        label_smoothing: ε, as in conservative DPO.
+
+    Returns: ``(loss, metrics)``; loss = mean of
+    ``−(1−ε) log σ(r_w − r_l − γ) − ε log σ(−(r_w − r_l − γ))`` with ``r = β/|y| log π(y|x)``.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen = beta * policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+    rejected = beta * policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
+    z = chosen - rejected - gamma
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    metrics = _pair_metrics(chosen.detach(), rejected.detach())
+    metrics["logps/chosen"] = policy_chosen_logps.detach().mean()
+    metrics["logps/rejected"] = policy_rejected_logps.detach().mean()
+    return losses.mean(), metrics
+
+
+def _log_odds(avg_logps: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 − p)) for p = exp(avg_logps) < 1, computed as ``a − log(1 − e^a)``."""
+    a = avg_logps.clamp(max=-1e-6)
+    return a - torch.log(-torch.expm1(a))
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    lam: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO (Hong et al. 2024, eqs. 6–7): SFT on the chosen response plus an odds-ratio term,
+    reference-free.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: [B] summed sequence log-probs.
+        chosen_lengths, rejected_lengths: [B] response lengths in tokens (≥ 1).
+        lam: λ, the weight of the odds-ratio term.
+
+    Returns: ``(loss, metrics)``; with ``P(y) = exp(log π(y|x)/|y|)`` (the per-token
+    geometric mean) and ``odds(y) = P/(1−P)``: loss = mean over pairs of
+    ``−log π(y_w|x)/|y_w| − λ log σ(log odds(y_w) − log odds(y_l))``. Metrics: ``loss/sft``,
+    ``loss/or``, ``log_odds_ratio`` and the pair metrics of ``λ·log odds``.
+    """
+    avg_chosen = policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+    avg_rejected = policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
+    log_odds_ratio = _log_odds(avg_chosen) - _log_odds(avg_rejected)
+    sft = -avg_chosen.mean()
+    odds_term = -F.logsigmoid(log_odds_ratio).mean()
+    metrics = _pair_metrics(lam * avg_chosen.detach(), lam * avg_rejected.detach())
+    metrics.update({"loss/sft": sft.detach(), "loss/or": odds_term.detach(),
+                    "log_odds_ratio": log_odds_ratio.detach().mean()})
+    return sft + lam * odds_term, metrics
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def grpo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float = 0.2,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    aggregation: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's objective (Shao et al. 2024, eq. 3) as a loss to minimise.
+
+    Args:
+        logprobs, old_logprobs: [B, T] log-probs of the sampled tokens under the current
+            policy and under the policy that sampled them.
+        advantages: [B] one advantage per sequence (or [B, T] per token); constants.
+        mask: [B, T] 1 on response tokens.
+        clip: ε of the clipped ratio.
+        ref_logprobs: [B, T] the reference's log-probs; needed when ``beta > 0``.
+        beta: weight of the k3 KL estimate to the reference, added to the loss per token.
+        aggregation: ``"token"``: every response token of the batch weighs the same (DAPO);
+            ``"sequence"``: mean over each sequence's tokens, then over sequences (GRPO).
+
+    Returns: ``(loss, stats)``; per token ``ℓ_t = max(−A·ρ_t, −A·clip(ρ_t, 1−ε, 1+ε)) + β·k3_t``
+    with ``ρ_t = exp(logπ − logπ_old)`` and ``k3_t = e^{ref−logπ} − (ref − logπ) − 1``,
+    aggregated as chosen. ``stats``: ``clipfrac``, ``approx_kl`` (to the old policy) and, with
+    a reference, ``kl_ref`` (mean k3); all detached.
+    """
+    if aggregation not in ("token", "sequence"):
+        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
+    adv = advantages.detach()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = None
+    if ref_logprobs is not None:
+        log_r = ref_logprobs.detach() - logprobs
+        kl = torch.expm1(log_r) - log_r
+        if beta > 0:
+            per_token = per_token + beta * kl
+    maskf = mask.to(per_token.dtype)
+    if aggregation == "token":
+        loss = masked_mean(per_token, maskf)
+    else:
+        loss = ((per_token * maskf).sum(1) / maskf.sum(1).clamp(min=1.0)).mean()
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), maskf),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, maskf),
+        }
+        if kl is not None:
+            stats["kl_ref"] = masked_mean(kl, maskf)
     return loss, stats
