@@ -214,7 +214,7 @@ def test_bool_spellings(raw, expected):
         (["model.max_prompt_length=200"], "model.max_prompt_length"),
         (["model.max_prompt_length=0"], "model.max_prompt_length"),
         (["stages=[foo]"], "stages"),
-        (["eval.policies=[dpo]"], "eval.policies"),
+        (["eval.policies=[kto]"], "eval.policies"),
         (["lora.r=0"], "lora.r"),
         (["ppo.kl.target=0"], "ppo.kl.target"),
         (["prefs.labelers_per_item=7"], "prefs.labelers_per_item"),
@@ -232,8 +232,8 @@ def test_post_init_messages_are_specific():
         load_config(preset="tiny", overrides=["ppo.mini_batch_size=24"])
     with pytest.raises(ConfigError, match=r"unknown stages \['foo'\]"):
         load_config(preset="tiny", overrides=["stages=[foo]"])
-    with pytest.raises(ConfigError, match=r"unknown policies \['dpo'\]"):
-        load_config(preset="tiny", overrides=["eval.policies=[dpo]"])
+    with pytest.raises(ConfigError, match=r"unknown policies \['kto'\]"):
+        load_config(preset="tiny", overrides=["eval.policies=[kto]"])
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The ``tether`` command.
 
     tether run [CONFIG.yaml] [--preset NAME] [--out DIR] [--section.key value ...]
-    tether sft|prefs|rm|ppo|eval [same options]   one stage (and what it needs)
+    tether sft|prefs|rm|ppo|dpo|grpo|rloo|eval [same options]   one stage (and what it needs)
     tether models list | pull NAME
     tether data validate FILE [--kind demos|rankings]
     tether config [--preset NAME]                  every key, its value and what it does
@@ -16,13 +16,16 @@ import time
 
 __all__ = ["main"]
 
-STAGE_NEEDS = {
-    "sft": ["data", "sft"],
-    "prefs": ["data", "sft", "prefs"],
-    "rm": ["data", "sft", "prefs", "rm"],
-    "ppo": ["data", "sft", "prefs", "rm", "ppo"],
-    "eval": ["data", "sft", "prefs", "rm", "ppo", "eval"],
-}
+STAGE_COMMANDS = ("sft", "prefs", "rm", "ppo", "dpo", "grpo", "rloo", "eval")
+
+
+def stages_for(command: str, cfg) -> list[str]:
+    """The stages ``tether COMMAND`` runs: COMMAND and those it needs, in order."""
+    if command in ("sft", "prefs", "rm"):
+        chain = ["data", "sft", "prefs", "rm"]
+        return chain[: chain.index(command) + 1]
+    plan = cfg.stage_list()
+    return plan if command == "eval" else plan[: plan.index(command) + 1]
 
 
 def _split_overrides(extra: list[str]) -> tuple[str | None, list[str]]:
@@ -104,10 +107,14 @@ def _print_summary(summary: dict) -> None:
     console.print(f"run directory: {summary['run_dir']}  (summary.json)")
 
 
-def cmd_run(args, extra, stages=None) -> int:
+def cmd_run(args, extra, command: str | None = None) -> int:
+    from tether.config import POLICIES
     from tether.pipeline import Pipeline
 
+    if command in POLICIES:
+        extra = [*extra, f"--policy={command}"]
     cfg = _load(args, extra)
+    stages = stages_for(command, cfg) if command else None
     start = time.time()
     pipe = Pipeline(cfg)
     summary = pipe.run(stages)
@@ -170,12 +177,14 @@ def cmd_config(args, extra) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tether", description="RLHF: SFT → reward model → PPO, with a gold score to check it.")
+    parser = argparse.ArgumentParser(prog="tether", description="RLHF: SFT → reward model → PPO (or DPO, GRPO, RLOO), "
+                                                                "with a gold score to check it.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the whole pipeline (skips finished stages)",
-                       usage="tether run [CONFIG.yaml] [--preset NAME] [--out DIR] [--section.key VALUE ...]")
+                       usage="tether run [CONFIG.yaml] [--preset NAME] [--out DIR] [--policy ppo|dpo|grpo|rloo] "
+                             "[--reward rm|gold|...] [--section.key VALUE ...]")
     _add_run_args(p)
-    for stage in ("sft", "prefs", "rm", "ppo", "eval"):
+    for stage in STAGE_COMMANDS:
         sp = sub.add_parser(stage, help=f"run the '{stage}' stage (and the stages it needs)",
                             usage=f"tether {stage} [CONFIG.yaml] [--preset NAME] [--out DIR] [--section.key VALUE ...]")
         _add_run_args(sp)
@@ -208,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args, extra)
-        if args.command in STAGE_NEEDS:
-            return cmd_run(args, extra, stages=STAGE_NEEDS[args.command])
+        if args.command in STAGE_COMMANDS:
+            return cmd_run(args, extra, command=args.command)
         if args.command == "models":
             return cmd_models(args, extra)
         if args.command == "data":

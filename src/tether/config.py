@@ -228,7 +228,6 @@ class PPOConfig:
                                           "(no second backbone: ~40% less compute per PPO step).")
     value_init: Literal["rm", "sft"] = _f("rm", "critic=model: initialise the value model from the reward model (InstructGPT) or the SFT policy.")
     value_lr: float = _f(0.0, "Learning rate of the value model (0 = same as optim.lr).")
-    reward: Literal["rm", "gold"] = _f("rm", "Optimise the reward model's score or the task's gold score.")
     samples_per_prompt: int = _f(1, "Responses sampled per prompt in a rollout batch (rollout_batch_size / this "
                                     "many prompts per batch).")
     score_baseline: Literal["none", "loo"] = _f(
@@ -272,21 +271,109 @@ class PPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = _f(
+        "sigmoid", "sigmoid = DPO (with label_smoothing > 0: conservative DPO), ipo, hinge (SLiC), simpo "
+                   "(reference-free, length-normalised), orpo (SFT + odds ratio, reference-free).")
+    beta: float = _f(0.1, "β: the strength of the implicit KL tether (DPO/IPO/hinge ~0.1); SimPO's reward "
+                          "scale (~2).")
+    label_smoothing: float = _f(0.0, "Probability that a label is flipped (cDPO; sigmoid and simpo).")
+    simpo_gamma: float = _f(1.0, "SimPO's target reward margin γ.")
+    orpo_lambda: float = _f(0.1, "ORPO's weight λ of the odds-ratio term.")
+    epochs: float = _f(1.0, "Passes over the rankings (each gives K(K-1)/2 pairs).")
+    max_steps: int = _f(0, "Stop after this many optimiser steps (0 = use epochs).")
+    share_prompt: bool = _f(True, "Run each ranking's prompt once for its K responses.")
+    cache_reference: bool = _f(True, "Keep the reference log-probs on disk under $TETHER_HOME/cache, keyed by "
+                                     "data, reference model and tokenisation, and reuse them.")
+    kl_prompts: int = _f(32, "Held-out prompts sampled after training to estimate KL(policy || reference) "
+                             "(0 = skip).")
+    generation: GenerationConfig = _sub(GenerationConfig, "Sampling for the KL estimate.")
+    optim: OptimConfig = _sub(OptimConfig, "Optimiser (batch = rankings).")
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "beta", "must be > 0")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        _check(self.label_smoothing == 0 or self.loss in ("sigmoid", "simpo"), "label_smoothing",
+               f"applies to the sigmoid and simpo losses, not {self.loss}")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.kl_prompts >= 0, "kl_prompts", "must be >= 0")
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = _f(20, "Rollout batches (each followed by policy updates).")
+    rollout_batch_size: int = _f(64, "Responses sampled per rollout batch (samples_per_prompt per prompt).")
+    samples_per_prompt: int = _f(8, "G: responses per prompt, compared with each other.")
+    mini_batch_size: int = _f(64, "Responses per optimiser step (= rollout_batch_size with epochs 1: on-policy, "
+                                  "the ratio is 1 and no extra forward pass is needed).")
+    micro_batch_size: int = _f(16, "Responses per forward pass.")
+    epochs: int = _f(1, "Passes over each rollout batch.")
+    clip: float = _f(0.2, "Ratio clip ε.")
+    advantage: Literal["grpo", "rloo"] = _f("grpo", "grpo: (r − group mean)/scale; rloo: r − mean of the other "
+                                                    "G − 1 samples.")
+    scale: Literal["group", "batch", "none"] = _f("group", "grpo: divide by the group's std (GRPO), the "
+                                                           "batch's std, or nothing (Dr. GRPO).")
+    eps: float = _f(1e-4, "Added to the std before dividing.")
+    beta: float = _f(0.04, "Weight of the KL to the reference (0 = no reference at all).")
+    kl_penalty: Literal["loss", "reward"] = _f(
+        "loss", "loss: β·k3 per token in the loss (GRPO); reward: β·Σ(logπ − logπ_ref) taken from each "
+                "sequence's reward before the baseline (RLOO, as in Ahmadian et al. 2024).")
+    aggregation: Literal["token", "sequence"] = _f("token", "Loss mean over all tokens of the batch (DAPO) or "
+                                                            "per sequence first (GRPO's paper).")
+    missing_eos_penalty: float = _f(0.0, "Subtracted from the reward of a response cut off before EOS.")
+    share_prompt: bool = _f(True, "Run each prompt once for its G samples (KV cache repeated).")
+    generation: GenerationConfig = _sub(GenerationConfig, "Rollout sampling.")
+    optim: OptimConfig = _sub(OptimConfig, "Policy optimiser.")
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "steps", "must be > 0")
+        _check(self.samples_per_prompt >= 2, "samples_per_prompt", "must be >= 2 (a group needs a baseline)")
+        _check(self.rollout_batch_size % self.samples_per_prompt == 0, "samples_per_prompt",
+               f"must divide rollout_batch_size ({self.rollout_batch_size})")
+        _check(self.rollout_batch_size % self.mini_batch_size == 0, "mini_batch_size",
+               f"must divide rollout_batch_size ({self.rollout_batch_size})")
+        _check(self.mini_batch_size % self.micro_batch_size == 0, "micro_batch_size",
+               f"must divide mini_batch_size ({self.mini_batch_size})")
+        if self.share_prompt:
+            _check(self.micro_batch_size % self.samples_per_prompt == 0, "micro_batch_size",
+                   f"must be a multiple of samples_per_prompt ({self.samples_per_prompt}) with share_prompt")
+        _check(self.beta >= 0, "beta", "must be >= 0")
+        _check(0 < self.clip < 1, "clip", "must be in (0, 1)")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    advantage: Literal["grpo", "rloo"] = _f("rloo", "grpo: (r − group mean)/scale; rloo: r − mean of the "
+                                                    "other G − 1 samples.")
+    kl_penalty: Literal["loss", "reward"] = _f(
+        "reward", "loss: β·k3 per token in the loss (GRPO); reward: β·Σ(logπ − logπ_ref) taken from each "
+                  "sequence's reward before the baseline (RLOO, as in Ahmadian et al. 2024).")
+    samples_per_prompt: int = _f(4, "G: responses per prompt, compared with each other.")
+    beta: float = _f(0.05, "Weight of the KL to the reference (0 = no reference at all).")
+
+
+POLICIES = ("ppo", "dpo", "grpo", "rloo")
+STAGES = ("data", "sft", "prefs", "rm", *POLICIES, "eval")
+
+
+@dataclass
 class EvalConfig:
     n_prompts: int = _f(128, "Held-out prompts to evaluate each policy on.")
     samples_per_prompt: int = _f(2, "Sampled responses per prompt (the standard error is over prompts).")
-    policies: list = _f(["base", "sft", "ppo"], "Policies to evaluate: base, sft, ppo.")
-    kl: list = _f(["sft", "ppo"], "Policies whose KL to their reference is measured (sft vs base, ppo vs sft); "
-                  "each costs two forward passes over its samples.")
+    policies: list = _f([], "Policies to evaluate (base, sft, ppo, dpo, grpo, rloo); empty = base, sft and "
+                            "the run's policy.")
+    kl: list = _f(["sft", "ppo", "dpo", "grpo", "rloo"], "Policies whose KL to their reference is measured (sft "
+                  "vs base, the others vs sft); each costs two forward passes over its samples.")
     generation: GenerationConfig = _sub(GenerationConfig, "Sampling for evaluation.")
 
     def __post_init__(self) -> None:
         _check(self.n_prompts > 1, "n_prompts", "must be > 1")
         _check(self.samples_per_prompt > 0, "samples_per_prompt", "must be > 0")
-        bad = [p for p in self.policies if p not in ("base", "sft", "ppo")]
-        _check(not bad, "policies", f"unknown policies {bad}; choose from base, sft, ppo")
-        bad = [p for p in self.kl if p not in ("sft", "ppo")]
-        _check(not bad, "kl", f"unknown policies {bad}; choose from sft, ppo")
+        bad = [p for p in self.policies if p not in ("base", "sft", *POLICIES)]
+        _check(not bad, "policies", f"unknown policies {bad}; choose from base, sft, {', '.join(POLICIES)}")
+        bad = [p for p in self.kl if p not in ("sft", *POLICIES)]
+        _check(not bad, "kl", f"unknown policies {bad}; choose from sft, {', '.join(POLICIES)}")
 
 
 @dataclass
@@ -294,7 +381,14 @@ class RunConfig:
     seed: int = _f(0, "Seed for every random choice of the run.")
     out: str = _f("", "Run directory (default: runs/<preset>).")
     preset: str = _f("default", "Name of the preset this config started from (informational).")
-    stages: list = _f(["data", "sft", "prefs", "rm", "ppo", "eval"], "Stages to run, in order.")
+    policy: Literal["ppo", "dpo", "grpo", "rloo"] = _f(
+        "ppo", "How the SFT policy is aligned: ppo (reward model + PPO), dpo (directly on the preferences; see "
+               "dpo.loss for IPO/SimPO/ORPO...), grpo or rloo (group-relative policy gradient on `reward`).")
+    reward: str = _f("rm", "What ppo/grpo/rloo maximise: 'rm' (the reward model), 'gold' (the task's checker), "
+                           "'module:function' (a Python callable (prompts, responses) -> scores), or a weighted "
+                           "sum such as '0.5*gold + rm'.")
+    stages: list = _f([], "Stages to run, in order; empty = what `policy` and `reward` need, e.g. data, sft, "
+                          "prefs, rm, ppo, eval.")
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
     model: ModelConfig = _sub(ModelConfig, "The policy's model.")
     lora: LoRAConfig = _sub(LoRAConfig, "LoRA adapters for every stage.")
@@ -303,12 +397,35 @@ class RunConfig:
     prefs: PrefsConfig = _sub(PrefsConfig, "Preference collection.")
     rm: RMConfig = _sub(RMConfig, "Reward model.")
     ppo: PPOConfig = _sub(PPOConfig, "PPO with a KL penalty to the SFT policy.")
+    dpo: DPOConfig = _sub(DPOConfig, "DPO and its family, on the preference rankings.")
+    grpo: GRPOConfig = _sub(GRPOConfig, "GRPO: G samples per prompt, group-relative advantages.")
+    rloo: RLOOConfig = _sub(RLOOConfig, "RLOO: G samples per prompt, leave-one-out baseline.")
     eval: EvalConfig = _sub(EvalConfig, "Held-out evaluation of every policy.")
 
     def __post_init__(self) -> None:
-        known = ("data", "sft", "prefs", "rm", "ppo", "eval")
-        bad = [s for s in self.stages if s not in known]
-        _check(not bad, "stages", f"unknown stages {bad}; choose from {', '.join(known)}")
+        bad = [s for s in self.stages if s not in STAGES]
+        _check(not bad, "stages", f"unknown stages {bad}; choose from {', '.join(STAGES)}")
+        from tether.rewards import parse_reward_spec
+
+        try:
+            parse_reward_spec(self.reward)
+        except ValueError as exc:
+            raise ConfigError(f"reward: {exc}") from None
+
+    def stage_list(self) -> list[str]:
+        """The stages to run: ``stages`` if given, else those the policy and reward need."""
+        if self.stages:
+            return list(self.stages)
+        from tether.rewards import parse_reward_spec
+
+        if self.policy == "dpo":
+            middle = ["prefs"]
+        else:
+            middle = ["prefs", "rm"] if any(name == "rm" for _, name in parse_reward_spec(self.reward)) else []
+        return ["data", "sft", *middle, self.policy, "eval"]
+
+    def eval_policies(self) -> list[str]:
+        return list(self.eval.policies) or ["base", "sft", self.policy]
 
 
 # ----------------------------------------------------------------------------- building

@@ -14,7 +14,7 @@ from tether.models import sequence_logprobs
 from tether.rollout import generate, trimmed_batch
 from tether.tasks.base import Task
 
-__all__ = ["evaluate_policy", "mean_stderr", "bootstrap_ci"]
+__all__ = ["evaluate_policy", "rollout_kl", "mean_stderr", "bootstrap_ci"]
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:
@@ -37,6 +37,28 @@ def bootstrap_ci(values: list[float], *, n_boot: int = 2000, alpha: float = 0.05
     lo = means[int(alpha / 2 * n_boot)]
     hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))]
     return lo, hi
+
+
+@torch.no_grad()
+def rollout_kl(policy, reference, rollout, batch_size: int = 64) -> torch.Tensor:
+    """Per-sample Σ_t (log π − log π_ref) over each response of a rollout sampled from
+    ``policy``: [B], whose mean is an unbiased estimate of the sequence KL(π‖π_ref).
+    ``reference`` None: the policy with its LoRA adapters disabled."""
+    from tether.models import reference_context
+
+    device = next(policy.parameters()).device
+    kls = torch.zeros(len(rollout))
+    # rows of similar length together, each chunk trimmed of its all-padding columns
+    order = torch.argsort(rollout.attention_mask.sum(dim=1), stable=True)
+    for b in range(0, len(rollout), batch_size):
+        rows = order[b : b + batch_size]
+        ids, att, start, width = trimmed_batch(rollout, rows, device)
+        m = rollout.response_mask[rows][:, :width].to(device).float()
+        lp = sequence_logprobs(policy, ids, att, start)
+        with reference_context(policy, reference) as ref:
+            rp = sequence_logprobs(ref, ids, att, start)
+        kls[rows] = ((lp - rp).float() * m).sum(dim=1).cpu()
+    return kls
 
 
 @torch.no_grad()
@@ -80,18 +102,7 @@ def evaluate_policy(
     if hasattr(task, "breakdown"):  # e.g. the instruct task: success rate per kind of instruction
         result["breakdown"] = task.breakdown(repeated, rollout.texts)
     if reference is not None:
-        device = next(policy.parameters()).device
-        kls = torch.zeros(len(rollout))
-        # rows of similar length together, each chunk trimmed of its all-padding columns
-        order = torch.argsort(rollout.attention_mask.sum(dim=1), stable=True)
-        size = cfg.generation.batch_size
-        for b in range(0, len(rollout), size):
-            rows = order[b : b + size]
-            ids, att, start, width = trimmed_batch(rollout, rows, device)
-            m = rollout.response_mask[rows][:, :width].to(device).float()
-            lp = sequence_logprobs(policy, ids, att, start)
-            rp = sequence_logprobs(reference, ids, att, start)
-            kls[rows] = ((lp - rp).float() * m).sum(dim=1).cpu()
+        kls = rollout_kl(policy, reference, rollout, cfg.generation.batch_size)
         kl_mean, kl_stderr = mean_stderr(kls.tolist())
         result["kl_to_ref"] = kl_mean
         result["kl_to_ref_stderr"] = kl_stderr

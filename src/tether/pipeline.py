@@ -5,7 +5,9 @@
 stage with a ``stage.json`` is skipped on the next run; a stage without one (cut off) is
 started again from a clean folder. ``DIR/summary.json`` is rewritten after every stage.
 
-Stages: data → sft → prefs → rm → ppo → eval.
+Stages: data → sft → prefs → rm → ppo → eval (``policy: ppo``, the default); data → sft →
+prefs → dpo → eval (``policy: dpo``); data → sft → [prefs → rm →] grpo|rloo → eval (the
+reward model only when ``reward`` names it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tether.config import RunConfig, config_to_dict
+from tether.config import POLICIES, STAGES, RunConfig, config_to_dict
 from tether.data.io import write_json, write_jsonl
 from tether.data.schemas import Ranking, load_demonstrations, load_rankings
 from tether.data.tokenize import Encoder
@@ -30,7 +32,6 @@ log = logging.getLogger("tether")
 
 __all__ = ["Pipeline", "run_pipeline", "STAGES"]
 
-STAGES = ("data", "sft", "prefs", "rm", "ppo", "eval")
 
 
 def complete_sentences(text: str) -> str:
@@ -113,7 +114,7 @@ class Pipeline:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        stages = stages or list(self.cfg.stages)
+        stages = stages or self.cfg.stage_list()
         write_json(self.dir / "config.json", config_to_dict(self.cfg))
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         for stage in stages:
@@ -393,22 +394,124 @@ class Pipeline:
             value_from = self.checkpoint("rm") if cfg.ppo.value_init == "rm" else self.checkpoint("sft")
             value_model = load_scalar_model(value_from, cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
 
-        if cfg.ppo.reward == "gold":
-            def score_fn(rollout):
-                return torch.tensor(self.task.gold_batch(rollout.prompts, rollout.texts))
-        else:
-            reward_model = load_scalar_model(self.checkpoint("rm"), cfg.model, pad_token_id=encoder.pad_id)
-            reward_model.requires_grad_(False)
-
-            def score_fn(rollout, group=1):
-                return score_rollout(reward_model, rollout, cfg.ppo.micro_batch_size, group)
-
+        score_fn = self.reward_fn(cfg.ppo.micro_batch_size)
         logger = MetricsLogger(folder / "metrics.jsonl")
         result = train_ppo(policy, value_model, reference, encoder, self.task.train_prompts(), score_fn, cfg.ppo,
                            seed=seed, gold_fn=self.task.gold_batch, logger=logger)
         logger.close()
         save_checkpoint(policy, encoder.tokenizer, folder / "checkpoint")
         return result
+
+    def reward_fn(self, chunk: int):
+        """The run's ``reward`` spec as one function ``(rollout, group) -> [B]``."""
+        from tether.rewards import combine_rewards, load_callable, parse_reward_spec
+
+        terms = []
+        for weight, name in parse_reward_spec(self.cfg.reward):
+            if name == "rm":
+                from tether.algorithms.reward import score_rollout
+                from tether.models import load_scalar_model
+
+                rm = load_scalar_model(self.checkpoint("rm"), self.cfg.model, pad_token_id=self.encoder().pad_id)
+                rm.requires_grad_(False)
+                terms.append((weight, lambda rollout, group, rm=rm: score_rollout(rm, rollout, chunk, group)))
+            elif name == "gold":
+                terms.append((weight, lambda rollout, group: self.task.gold_batch(rollout.prompts, rollout.texts)))
+            else:
+                fn = load_callable(name)
+                terms.append((weight, lambda rollout, group, fn=fn: list(fn(rollout.prompts, rollout.texts))))
+        return combine_rewards(terms)
+
+    def stage_dpo(self, folder: Path) -> dict:
+        from tether.algorithms.dpo import REFERENCE_FREE, cache_key, ranking_logps, reference_logps, train_dpo
+        from tether.algorithms.reward import collate_rankings, pairwise_accuracy
+        from tether.data.io import read_jsonl
+        from tether.models import load_policy, reference_context, save_checkpoint
+        from tether.zoo import tether_home
+
+        cfg, d = self.cfg, self.cfg.dpo
+        seed = self._seed(7)
+        encoder = self.encoder()
+        rankings = load_rankings(self.stage_dir("prefs") / "rankings.jsonl", allow_empty_responses=True)
+        sft = self.checkpoint("sft")
+        policy = load_policy(sft, cfg.model, cfg.lora)
+        from tether.models import frozen_copy
+
+        reference = None if cfg.lora.enabled else frozen_copy(policy)
+        ref_logps, cache_hit = None, False
+        if d.loss not in REFERENCE_FREE:
+            cache_file = None
+            if d.cache_reference:
+                cache_file = tether_home() / "cache" / "reference_logps" / f"{cache_key(sft, encoder, rankings)}.pt"
+                cache_hit = cache_file.exists()
+            ref_logps = reference_logps(policy, reference, encoder, rankings, batch_size=d.optim.micro_batch_size,
+                                        share_prompt=d.share_prompt, cache_file=cache_file)
+        logger = MetricsLogger(folder / "metrics.jsonl")
+        result = train_dpo(policy, reference, encoder, rankings, d, seed=seed, ref_logps=ref_logps, logger=logger)
+        result["reference_cache_hit"] = cache_hit
+        # held-out: does the implicit reward β·(log π − log π_ref) order the held-out
+        # responses as gold does? (for SimPO/ORPO: the length-normalised log-prob)
+        groups = [rec for _, rec in read_jsonl(self.stage_dir("prefs") / "heldout.jsonl")]
+        if groups:
+            held = [Ranking(prompt=g["prompt"], responses=g["responses"], order=list(range(len(g["responses"]))))
+                    for g in groups]
+            policy.eval()
+            agree = total = 0
+            with torch.no_grad():
+                for b in range(0, len(held), d.optim.micro_batch_size):
+                    batch = collate_rankings(encoder, held[b : b + d.optim.micro_batch_size], d.share_prompt, split=True)
+                    lp, lengths = ranking_logps(policy, batch)
+                    if d.loss in REFERENCE_FREE:
+                        score = lp / lengths.clamp(min=1)
+                    else:
+                        with reference_context(policy, reference) as ref:
+                            score = lp - ranking_logps(ref, batch)[0]
+                    for g, row in zip(groups[b : b + d.optim.micro_batch_size], score.tolist()):
+                        x, n = pairwise_accuracy(row[: len(g["responses"])], g["gold"])
+                        agree, total = agree + x, total + n
+            result["heldout_accuracy"] = agree / total if total else None
+            result["heldout_pairs"] = total
+            logger.log(result["steps"], {"dpo/heldout_accuracy": result["heldout_accuracy"]})
+        if d.kl_prompts:
+            result.update(self._kl_estimate(policy, reference, d.kl_prompts, d.generation, seed))
+            logger.log(result["steps"], {"kl/heldout": result["kl_heldout"]})
+        logger.close()
+        save_checkpoint(policy, encoder.tokenizer, folder / "checkpoint")
+        return result
+
+    def _kl_estimate(self, policy, reference, n: int, gen, seed: int) -> dict:
+        """KL(policy ‖ reference) per sequence on ``n`` held-out prompts, from the policy's samples."""
+        from tether.evaluate import mean_stderr, rollout_kl
+
+        policy.eval()
+        rollout = self.generate(policy, self.task.heldout_prompts()[:n], gen, seed, "KL samples")
+        kls = rollout_kl(policy, reference, rollout, gen.batch_size)
+        mean, se = mean_stderr(kls.tolist())
+        return {"kl_heldout": mean, "kl_heldout_stderr": se, "kl_heldout_prompts": n}
+
+    def _stage_group_rl(self, folder: Path, name: str) -> dict:
+        from tether.algorithms.grpo import train_grpo
+        from tether.models import frozen_copy, load_policy, save_checkpoint
+
+        cfg = self.cfg
+        gcfg = getattr(cfg, name)
+        seed = self._seed(8 if name == "grpo" else 9)
+        encoder = self.encoder()
+        policy = load_policy(self.checkpoint("sft"), cfg.model, cfg.lora)
+        reference = frozen_copy(policy) if gcfg.beta > 0 and not cfg.lora.enabled else None
+        logger = MetricsLogger(folder / "metrics.jsonl")
+        result = train_grpo(policy, reference, encoder, self.task.train_prompts(), self.reward_fn(gcfg.micro_batch_size),
+                            gcfg, seed=seed, gold_fn=self.task.gold_batch, logger=logger, name=name)
+        result["reward"] = cfg.reward
+        logger.close()
+        save_checkpoint(policy, encoder.tokenizer, folder / "checkpoint")
+        return result
+
+    def stage_grpo(self, folder: Path) -> dict:
+        return self._stage_group_rl(folder, "grpo")
+
+    def stage_rloo(self, folder: Path) -> dict:
+        return self._stage_group_rl(folder, "rloo")
 
     def stage_eval(self, folder: Path) -> dict:
         from tether.evaluate import evaluate_policy
@@ -417,16 +520,16 @@ class Pipeline:
         cfg = self.cfg
         encoder = self.encoder()
         prompts = self.task.heldout_prompts()
-        paths = {"base": cfg.model.name, "sft": None, "ppo": None}
-        refs = {"sft": "base", "ppo": "sft"}
+        paths = {"base": cfg.model.name}
+        refs = {"sft": "base", **{p: "sft" for p in POLICIES}}
         results = {}
-        for name in cfg.eval.policies:
-            path = paths[name] or self.checkpoint(name)
+        for name in cfg.eval_policies():
+            path = paths.get(name) or self.checkpoint(name)
             policy = self.frozen_policy(path)
             ref_name = refs.get(name)
             reference = None
             if ref_name is not None and name in cfg.eval.kl:
-                reference = self.frozen_policy(paths[ref_name] or self.checkpoint(ref_name))
+                reference = self.frozen_policy(paths.get(ref_name) or self.checkpoint(ref_name))
             _say(f"  evaluating {name} on {min(len(prompts), cfg.eval.n_prompts)} held-out prompts")
             from tether.engine import progress_bar
 
@@ -461,6 +564,14 @@ class Pipeline:
         if self.is_done("ppo"):
             ppo = self.result("ppo")
             summary["ppo"] = {"final_kl_coef": ppo.get("final_kl_coef"), "last": ppo.get("last")}
+        if self.is_done("dpo"):
+            dpo = self.result("dpo")
+            summary["dpo"] = {k: dpo.get(k) for k in ("loss", "beta", "final_loss", "heldout_accuracy", "heldout_pairs",
+                                                      "kl_heldout", "kl_heldout_stderr", "last")}
+        for name in ("grpo", "rloo"):
+            if self.is_done(name):
+                res = self.result(name)
+                summary[name] = {"reward": res.get("reward"), "first": res.get("first"), "last": res.get("last")}
         if self.is_done("eval"):
             summary["eval"] = {}
             for name in self.result("eval").get("policies", []):

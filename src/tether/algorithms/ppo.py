@@ -43,7 +43,7 @@ from tether.rollout import (
     trimmed_batch,
 )
 
-__all__ = ["train_ppo", "make_kl_controller", "rollout_logprobs_and_values", "ValueHead"]
+__all__ = ["train_ppo", "make_kl_controller", "rollout_logprobs_and_values", "rows_logprobs", "ValueHead"]
 
 
 class ValueHead(torch.nn.Module):
@@ -96,12 +96,14 @@ def _rows_forward(policy, value_model, rollout: Rollout, rows, device, group: in
     return (*out, values, width)
 
 
-def _ref_logprobs(ref, rollout: Rollout, rows, device, group: int) -> torch.Tensor:
+def rows_logprobs(model, rollout: Rollout, rows, device, group: int = 1) -> torch.Tensor:
+    """Response log-probs [b, W] of some rollout rows under ``model`` (each prompt run once
+    when ``group`` > 1)."""
     if group == 1:
         ids, att, start, _ = trimmed_batch(rollout, rows, device)
-        return sequence_logprobs(ref, ids, att, start)
+        return sequence_logprobs(model, ids, att, start)
     q, qm, r, rm, _ = group_tensors(rollout, rows, device)
-    return grouped_logprobs(ref, q, qm, r, rm, group)
+    return grouped_logprobs(model, q, qm, r, rm, group)
 
 
 ScoreFn = Callable[..., torch.Tensor]  # (rollout) or (rollout, group) → [B]
@@ -140,7 +142,7 @@ def rollout_logprobs_and_values(policy, reference, value_model, rollout: Rollout
         out["logprobs"][rows] = _pad_to(logps.float().cpu(), R)
         out["entropy"][rows] = _pad_to(entropy_from_logits(logits).float().cpu(), R)
         with reference_context(policy, reference) as ref:
-            out["ref_logprobs"][rows] = _pad_to(_ref_logprobs(ref, rollout, rows, device, group).float().cpu(), R)
+            out["ref_logprobs"][rows] = _pad_to(rows_logprobs(ref, rollout, rows, device, group).float().cpu(), R)
         out["values"][rows] = _pad_to(values.float().cpu(), R)
     policy.train()
     value_model.train()

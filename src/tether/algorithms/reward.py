@@ -24,7 +24,8 @@ __all__ = ["collate_rankings", "ranking_scores", "train_reward", "score_response
 RANKING_LOSSES = {"bradley_terry": ranking_pairwise_loss, "plackett_luce": plackett_luce_loss}
 
 
-def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bool = True) -> dict[str, torch.Tensor]:
+def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bool = True,
+                     split: bool = False) -> dict[str, torch.Tensor]:
     """Flatten rankings (best first) into sequences, ``slots`` [B, Kmax] (row into the N
     sequences, −1 for padding) and ``slot_mask`` [B, Kmax].
 
@@ -32,7 +33,8 @@ def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bo
     ``query_ids``/``query_mask`` [N, P] left-padded (each prompt K times) and
     ``response_ids``/``response_mask`` [N, W] right-padded, so that the model runs each
     prompt once for its K responses. Otherwise ``input_ids``/``attention_mask`` [N, L] hold
-    whole right-padded sequences and ``last`` [N] each one's final token.
+    whole right-padded sequences and ``last`` [N] each one's final token — unless ``split``,
+    which keeps the query/response layout with ``group`` 1 (each row its own query).
     """
     k_max = max(len(r.responses) for r in rankings)
     grouped = share_prompt and all(len(r.responses) == k_max for r in rankings)
@@ -47,10 +49,10 @@ def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bo
         slots.append(row + [-1] * (k_max - len(row)))
     slots_t = torch.tensor(slots, dtype=torch.long)
     out = {"slots": slots_t, "slot_mask": slots_t >= 0}
-    if grouped and all(len(a) > 0 for a in answers):
+    if (grouped or split) and all(len(a) > 0 for a in answers):
         out["query_ids"], out["query_mask"] = pad_left(queries, encoder.pad_id)
         out["response_ids"], out["response_mask"] = pad_right(answers, encoder.pad_id)
-        out["group"] = torch.tensor(k_max)
+        out["group"] = torch.tensor(k_max if grouped else 1)
         return out
     input_ids, attention_mask = pad_right([q + a for q, a in zip(queries, answers)], encoder.pad_id)
     out.update(input_ids=input_ids, attention_mask=attention_mask, last=attention_mask.sum(dim=1) - 1)

@@ -1,0 +1,203 @@
+"""Direct preference optimisation and its family (cDPO, IPO, hinge, SimPO, ORPO) on rankings.
+
+Each ranking of K responses is one example, as for the reward model: the policy scores its K
+responses in one forward pass (the prompt once, its KV cache repeated for the K responses:
+chosen and rejected never run separately) and every one of the K(K−1)/2 ordered pairs
+enters the loss. A pair ``chosen ≻ rejected`` is a ranking with K = 2.
+
+The reference's log-probs are computed once before training (under LoRA: the same model
+with its adapters disabled, no second copy) and cached on disk, keyed by the data, the
+reference model's files and the tokenisation, so a rerun or a sweep over β reads them back.
+SimPO and ORPO are reference-free and compute none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from tether.config import DPOConfig
+from tether.data.schemas import Ranking
+from tether.data.tokenize import Encoder
+from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
+from tether.losses import DPO_VARIANTS, dpo_loss, orpo_loss, simpo_loss
+from tether.models import grouped_logprobs, reference_context
+
+__all__ = ["ranking_logps", "preference_loss", "reference_logps", "train_dpo", "REFERENCE_FREE"]
+
+#: losses that need no reference model
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
+
+
+def ranking_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs [B, Kmax] and response lengths [B, Kmax] (EOS included) of
+    a batch from :func:`tether.algorithms.reward.collate_rankings` (``split=True``); 0 in
+    padded slots."""
+    mask = batch["response_mask"]
+    tokens = grouped_logprobs(model, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask,
+                              int(batch["group"]))
+    mask_f = mask.to(torch.float32)
+    seq = (tokens.float() * mask_f).sum(dim=1)
+    slots, slot_mask = batch["slots"].clamp(min=0), batch["slot_mask"].to(torch.float32)
+    return seq[slots] * slot_mask, mask_f.sum(dim=1)[slots] * slot_mask
+
+
+def _pairs(x: torch.Tensor, slot_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered pair (i ranked above j) of each row of x [B, K], as two flat tensors."""
+    i, j = torch.triu_indices(x.size(1), x.size(1), offset=1, device=x.device)
+    valid = slot_mask[:, i] & slot_mask[:, j]
+    return x[:, i][valid], x[:, j][valid]
+
+
+def n_pairs(slot_mask: torch.Tensor) -> int:
+    k = slot_mask.sum(dim=1)
+    return int((k * (k - 1) // 2).sum())
+
+
+def preference_loss(cfg: DPOConfig, policy_logps: torch.Tensor, lengths: torch.Tensor, ref_logps: torch.Tensor | None,
+                    slot_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The configured loss over all pairs of a batch of rankings (best first).
+
+    Args: ``policy_logps``, ``lengths`` and ``ref_logps`` [B, K] (summed log-probs, token
+    counts); ``slot_mask`` [B, K] bool. IPO is given per-token mean log-probs, as in its paper.
+    """
+    pc, pr = _pairs(policy_logps, slot_mask)
+    lc, lr = _pairs(lengths, slot_mask)
+    if cfg.loss == "simpo":
+        return simpo_loss(pc, pr, lc, lr, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
+    if cfg.loss == "orpo":
+        return orpo_loss(pc, pr, lc, lr, lam=cfg.orpo_lambda)
+    rc, rr = _pairs(ref_logps, slot_mask)
+    if cfg.loss == "ipo":
+        pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
+    return dpo_loss(pc, pr, rc, rr, beta=cfg.beta, variant=cfg.loss, label_smoothing=cfg.label_smoothing)
+
+
+# --------------------------------------------------------------------------- the reference cache
+
+
+def _fingerprint(model_path: str) -> list:
+    """What identifies a model's weights: each file's name, size and modification time
+    for a local folder (a rewritten checkpoint gets a new key), the name otherwise."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return [model_path]
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()]
+
+
+def cache_key(model_path: str, encoder: Encoder, rankings: list[Ranking], extra: str = "") -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": _fingerprint(model_path), "max_length": encoder.max_length,
+                         "max_prompt_length": encoder.max_prompt_length, "extra": extra}).encode())
+    for r in rankings:
+        h.update(json.dumps([r.prompt, r.ranked()], ensure_ascii=False).encode())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def reference_logps(policy, reference, encoder: Encoder, rankings: list[Ranking], *, batch_size: int = 16,
+                    share_prompt: bool = True, cache_file: str | Path | None = None) -> torch.Tensor:
+    """Summed reference log-probs [N, Kmax] of every ranking's responses (best first).
+
+    ``reference`` None: ``policy`` with its adapters disabled. Read from ``cache_file`` when
+    it exists; otherwise computed and written there (atomically: a temporary file, renamed).
+    """
+    from tether.algorithms.reward import collate_rankings
+
+    if cache_file is not None and Path(cache_file).exists():
+        cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+        if cached.size(0) == len(rankings):
+            return cached
+    device = next(policy.parameters()).device
+    k_max = max(len(r.responses) for r in rankings)
+    out = torch.zeros(len(rankings), k_max)
+    was_training = policy.training
+    policy.eval()
+    with reference_context(policy, reference) as ref, progress_bar(len(rankings), "reference log-probs",
+                                                                   unit="ranking") as bar:
+        for b in range(0, len(rankings), batch_size):
+            batch = collate_rankings(encoder, rankings[b : b + batch_size], share_prompt, split=True)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logps, _ = ranking_logps(ref, batch)
+            out[b : b + logps.size(0), : logps.size(1)] = logps.cpu()
+            bar.update(logps.size(0))
+    policy.train(was_training)
+    if cache_file is not None:
+        cache_file = Path(cache_file)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        torch.save(out, tmp)
+        os.replace(tmp, cache_file)
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_dpo(
+    policy,
+    reference,
+    encoder: Encoder,
+    rankings: list[Ranking],
+    cfg: DPOConfig,
+    *,
+    seed: int = 0,
+    ref_logps: torch.Tensor | None = None,
+    logger: MetricsLogger | None = None,
+    log_every: int = 5,
+) -> dict:
+    """Optimise ``policy`` in place on ``rankings`` with ``cfg.loss``.
+
+    Args:
+        reference: the frozen reference, or None for ``policy`` with adapters disabled.
+        ref_logps: [N, Kmax] precomputed reference log-probs (see :func:`reference_logps`);
+            computed here when None and the loss needs them.
+    """
+    from tether.algorithms.reward import collate_rankings
+
+    optim = cfg.optim
+    if cfg.loss not in REFERENCE_FREE and ref_logps is None:
+        ref_logps = reference_logps(policy, reference, encoder, rankings, batch_size=optim.micro_batch_size,
+                                    share_prompt=cfg.share_prompt)
+    total = plan_steps(len(rankings), optim.batch_size, cfg.epochs, cfg.max_steps)
+    engine = Engine([p for p in policy.parameters() if p.requires_grad], optim, total)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(policy.parameters()).device
+    policy.train()
+    start_time, last, history = time.time(), {}, []
+    bar = progress_bar(total, cfg.loss if cfg.loss in REFERENCE_FREE else f"dpo ({cfg.loss})")
+    for step, micro_idx in enumerate(batch_indices(len(rankings), optim.batch_size, optim.micro_batch_size,
+                                                   total, generator)):
+        micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt, split=True))
+                 for idx in micro_idx]
+        n_global = sum(n_pairs(m["slot_mask"]) for _, m in micro)
+        sums: dict[str, float] = {}
+        for idx, m in micro:
+            m = {k: v.to(device) for k, v in m.items()}
+            logps, lengths = ranking_logps(policy, m)
+            ref = None
+            if ref_logps is not None:
+                ref = ref_logps[torch.as_tensor(idx)][:, : logps.size(1)].to(device)
+            loss, metrics = preference_loss(cfg, logps, lengths, ref, m["slot_mask"])
+            weight = n_pairs(m["slot_mask"]) / n_global  # micro-batch means → the global batch mean
+            (loss * weight).backward()
+            sums["loss/dpo"] = sums.get("loss/dpo", 0.0) + loss.detach().item() * weight
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
+        info = engine.step()
+        last = {**sums, **{f"optim/{k}": v for k, v in info.items()}}
+        history.append(last)
+        if logger is not None and (step % log_every == 0 or step == total - 1):
+            logger.log(step, last)
+        bar.set_postfix(loss=f"{last['loss/dpo']:.3f}", acc=f"{last['rewards/accuracy']:.2f}",
+                        margin=f"{last['rewards/margin']:.2f}")
+        bar.update(1)
+    bar.close()
+    return {"steps": total, "loss": cfg.loss, "beta": cfg.beta, "final_loss": last.get("loss/dpo"),
+            "skipped_steps": engine.skipped_steps, "seconds": time.time() - start_time,
+            "first": history[0] if history else {}, "last": last}
