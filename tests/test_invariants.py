@@ -1,5 +1,5 @@
 """Engine invariants: gradient accumulation (4 micro-batches of 2) equals one batch of 8,
-for SFT and for the reward model, step by step over several optimiser steps."""
+for SFT, the reward model and DPO, step by step over several optimiser steps."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _rankings(n: int) -> list[Ranking]:
     return out
 
 
-@pytest.mark.parametrize("trainer", ["sft", "rm"])
+@pytest.mark.parametrize("trainer", ["sft", "rm", "dpo"])
 def test_grad_accumulation_4x2_equals_batch_of_8(tiny_path, tiny_tokenizer, trainer):
     torch.manual_seed(0)
     encoder = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
@@ -54,12 +54,22 @@ def test_grad_accumulation_4x2_equals_batch_of_8(tiny_path, tiny_tokenizer, trai
 
         def run(model, optim):
             train_sft(model, encoder, data, SFTConfig(max_steps=3, optim=optim), seed=11)
-    else:
+    elif trainer == "rm":
         base = load_scalar_model(tiny_path, MODEL, pad_token_id=encoder.pad_id)
         data = _rankings(24)
 
         def run(model, optim):
             train_reward(model, encoder, data, RMConfig(max_steps=3, optim=optim), seed=11)
+    else:
+        from tether.algorithms.dpo import train_dpo
+        from tether.config import DPOConfig
+        from tether.models import frozen_copy
+
+        base = load_policy(tiny_path, MODEL)
+        data = _rankings(24)
+
+        def run(model, optim):
+            train_dpo(model, frozen_copy(model), encoder, data, DPOConfig(max_steps=3, optim=optim), seed=11)
 
     base = base.double()  # float64: the comparison is exact up to summation order (~1e-15)
     m_big, m_acc = copy.deepcopy(base), copy.deepcopy(base)

@@ -85,3 +85,50 @@ def test_second_run_skips_finished_stages(tiny_run):
     after = {s: os.path.getmtime(out / s / "stage.json") for s in ("sft", "rm", "ppo")}
     assert before == after
     assert again["eval"]["ppo"]["gold_mean"] == summary["eval"]["ppo"]["gold_mean"]
+
+
+@pytest.fixture(scope="module")
+def tiny_alternatives(tiny_run, tmp_path_factory):
+    """DPO and GRPO (on gold) from the same SFT policy and preferences as the PPO run."""
+    import shutil
+
+    from tether.config import load_config
+    from tether.pipeline import Pipeline
+
+    out, _ = tiny_run
+    alt = tmp_path_factory.mktemp("tiny_alt")
+    for stage in ("data", "sft", "prefs", "eval"):
+        shutil.copytree(out / stage, alt / stage)
+    eval_before = os.path.getmtime(alt / "eval" / "sft.json")
+    summaries = {}
+    for overrides in (["policy=dpo"], ["policy=grpo", "reward=gold"]):
+        summaries[overrides[0].split("=")[1]] = Pipeline(
+            load_config(preset="tiny", overrides=[f"out={alt}", *overrides])).run()
+    return alt, summaries, eval_before
+
+
+@pytest.mark.parametrize("policy", ["dpo", "grpo"])
+def test_dpo_and_grpo_beat_sft(tiny_alternatives, policy):
+    _, summaries, _ = tiny_alternatives
+    ev = summaries[policy]["eval"]
+    sft, new = ev["sft"], ev[policy]
+    combined = math.sqrt(sft["gold_stderr"] ** 2 + new["gold_stderr"] ** 2)
+    assert new["gold_mean"] - sft["gold_mean"] > 2 * combined, (sft, new)
+    assert new["reference"] == "sft" and new["kl_to_ref"] > 0
+    assert new["n"] == 128
+
+
+def test_alternatives_reuse_stages_and_evaluations(tiny_alternatives):
+    alt, summaries, eval_before = tiny_alternatives
+    assert not (alt / "rm").exists()  # neither DPO nor GRPO on gold needs a reward model
+    assert os.path.getmtime(alt / "eval" / "sft.json") == eval_before  # base and SFT evaluated once
+    final = summaries["grpo"]
+    assert set(final["eval"]) == {"base", "sft", "dpo", "grpo"}  # the earlier DPO evaluation is kept
+    dpo = final["dpo"]
+    assert dpo["heldout_accuracy"] > 0.6 and dpo["kl_heldout"] > 0
+    row = json.loads((alt / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss/dpo", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"):
+        assert key in row and math.isfinite(row[key])
+    grpo_row = json.loads((alt / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("reward/score", "reward/gold", "kl/ref", "groups/flat", "policy/clipfrac"):
+        assert key in grpo_row and math.isfinite(grpo_row[key])

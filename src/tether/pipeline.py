@@ -63,7 +63,11 @@ class Pipeline:
         return self.dir / stage
 
     def is_done(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / "stage.json").is_file()
+        if not (self.stage_dir(stage) / "stage.json").is_file():
+            return False
+        if stage == "eval" and self.cfg.eval_policies():  # a policy not evaluated yet: not done
+            return set(self.cfg.eval_policies()) <= set(self.result("eval").get("policies", []))
+        return True
 
     def result(self, stage: str) -> dict:
         path = self.stage_dir(stage) / "stage.json"
@@ -122,9 +126,10 @@ class Pipeline:
                 _say(f"[dim]• {stage}: done already ({self.stage_dir(stage)}), skipped[/dim]")
                 continue
             folder = self.stage_dir(stage)
-            if folder.exists():
+            if folder.exists() and stage != "eval":  # eval keeps the evaluations it can reuse
                 shutil.rmtree(folder)  # a stage cut off earlier starts again from scratch
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "stage.json").unlink(missing_ok=True)
             (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
             _say(f"[bold]• {stage}[/bold]")
             t0 = time.time()
@@ -523,8 +528,33 @@ class Pipeline:
         paths = {"base": cfg.model.name}
         refs = {"sft": "base", **{p: "sft" for p in POLICIES}}
         results = {}
-        for name in cfg.eval_policies():
+
+        def key(name: str) -> dict:
+            """What an evaluation depends on: reused while this stays the same."""
             path = paths.get(name) or self.checkpoint(name)
+            weights = Path(path) / "config.json"
+            try:  # a run folder copied elsewhere keeps its evaluations
+                path = str(Path(path).resolve().relative_to(self.dir.resolve()))
+            except ValueError:
+                pass
+            return {"model": path, "mtime": weights.stat().st_mtime_ns if weights.is_file() else None,
+                    "eval": config_to_dict(cfg.eval), "seed": cfg.seed, "task": config_to_dict(cfg.task)}
+
+        wanted = list(cfg.eval_policies())
+        earlier = [p.stem for p in folder.glob("*.json") if p.stem in ("base", "sft", *POLICIES) and p.stem not in wanted]
+        for name in earlier:  # kept (and listed) while their checkpoints are unchanged
+            res = json.loads((folder / f"{name}.json").read_text())
+            if (name == "base" or self.is_done(name)) and res.get("key") == json.loads(json.dumps(key(name))):
+                results[name] = res
+        for name in wanted:
+            path = paths.get(name) or self.checkpoint(name)
+            old = folder / f"{name}.json"
+            if old.is_file():
+                res = json.loads(old.read_text())
+                if res.get("key") == json.loads(json.dumps(key(name))):
+                    _say(f"  {name}: evaluated already with the same checkpoint and settings, reused")
+                    results[name] = res
+                    continue
             policy = self.frozen_policy(path)
             ref_name = refs.get(name)
             reference = None
@@ -539,9 +569,10 @@ class Pipeline:
                                       seed=self._seed(6), progress=bar.update)
             if reference is not None:
                 res["reference"] = ref_name
+            res["key"] = key(name)
             results[name] = res
             write_json(folder / f"{name}.json", res)
-        return {"policies": list(results)}
+        return {"policies": [n for n in ("base", "sft", *POLICIES) if n in results]}
 
     # ------------------------------------------------------------------ summary
     def write_summary(self) -> dict:
@@ -576,7 +607,7 @@ class Pipeline:
             summary["eval"] = {}
             for name in self.result("eval").get("policies", []):
                 res = json.loads((self.stage_dir("eval") / f"{name}.json").read_text())
-                summary["eval"][name] = {k: v for k, v in res.items() if k not in ("samples", "gold_per_prompt")}
+                summary["eval"][name] = {k: v for k, v in res.items() if k not in ("samples", "gold_per_prompt", "key")}
         write_json(self.dir / "summary.json", summary)
         return summary
 

@@ -41,9 +41,10 @@ def ranking_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     mask = batch["response_mask"]
     tokens = grouped_logprobs(model, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask,
                               int(batch["group"]))
-    mask_f = mask.to(torch.float32)
-    seq = (tokens.float() * mask_f).sum(dim=1)
-    slots, slot_mask = batch["slots"].clamp(min=0), batch["slot_mask"].to(torch.float32)
+    dtype = torch.promote_types(tokens.dtype, torch.float32)  # sums in float32 at least (float64 stays)
+    mask_f = mask.to(dtype)
+    seq = (tokens.to(dtype) * mask_f).sum(dim=1)
+    slots, slot_mask = batch["slots"].clamp(min=0), batch["slot_mask"].to(dtype)
     return seq[slots] * slot_mask, mask_f.sum(dim=1)[slots] * slot_mask
 
 
