@@ -82,3 +82,27 @@ def test_zoo_model_is_cached_once(default_run):
     t0 = time.time()
     load_policy("smollm2-135m-instruct", ModelConfig(name="smollm2-135m-instruct"))
     assert time.time() - t0 < 20  # no second conversion: a plain folder load
+
+
+def test_default_dpo_and_grpo_with_a_cut_budget(default_run, tmp_path):
+    """`--policy dpo` and `--policy grpo --reward gold` on SmolLM2, from the same SFT policy
+    and preferences, a couple of steps each."""
+    import shutil
+
+    from tether.config import load_config
+    from tether.pipeline import Pipeline
+
+    out, _ = default_run
+    for stage in ("data", "sft", "prefs"):
+        shutil.copytree(out / stage, tmp_path / stage)
+    cut = [*CUT, f"out={tmp_path}", "dpo.max_steps=2", "dpo.kl_prompts=4",
+           "grpo.steps=1", "grpo.rollout_batch_size=8", "grpo.samples_per_prompt=4", "grpo.mini_batch_size=8",
+           "grpo.micro_batch_size=8"]
+    dpo = Pipeline(load_config(overrides=[*cut, "policy=dpo"])).run()
+    assert dpo["dpo"]["kl_heldout"] is not None and 0 <= dpo["dpo"]["heldout_accuracy"] <= 1
+    grpo = Pipeline(load_config(overrides=[*cut, "policy=grpo", "reward=gold"])).run()
+    assert not (tmp_path / "rm").exists()
+    for name in ("dpo", "grpo"):
+        res = grpo["eval"][name]
+        assert res["n"] == 8 and res["reference"] == "sft" and math.isfinite(res["kl_to_ref"])
+    assert math.isfinite(grpo["grpo"]["last"]["reward/gold"])
