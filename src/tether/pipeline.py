@@ -447,7 +447,11 @@ class Pipeline:
         if d.loss not in REFERENCE_FREE:
             cache_file = None
             if d.cache_reference:
-                cache_file = tether_home() / "cache" / "reference_logps" / f"{cache_key(sft, encoder, rankings)}.pt"
+                from tether.rollout import active_autocast_dtype
+
+                precision = str(active_autocast_dtype(next(policy.parameters()).device) or next(policy.parameters()).dtype)
+                key = cache_key(sft, encoder, rankings, extra=precision)  # bf16 and fp32 log-probs differ
+                cache_file = tether_home() / "cache" / "reference_logps" / f"{key}.pt"
                 cache_hit = cache_file.exists()
             ref_logps = reference_logps(policy, reference, encoder, rankings, batch_size=d.optim.micro_batch_size,
                                         share_prompt=d.share_prompt, cache_file=cache_file)
@@ -537,24 +541,28 @@ class Pipeline:
                 path = str(Path(path).resolve().relative_to(self.dir.resolve()))
             except ValueError:
                 pass
-            return {"model": path, "mtime": weights.stat().st_mtime_ns if weights.is_file() else None,
-                    "eval": config_to_dict(cfg.eval), "seed": cfg.seed, "task": config_to_dict(cfg.task)}
+            settings = {k: v for k, v in config_to_dict(cfg.eval).items() if k != "policies"}
+            return json.loads(json.dumps({"model": path, "mtime": weights.stat().st_mtime_ns if weights.is_file() else None,
+                                          "eval": settings, "seed": cfg.seed, "task": config_to_dict(cfg.task)}))
+
+        def reusable(name: str) -> dict | None:
+            """An earlier evaluation of ``name`` whose checkpoint and settings are unchanged."""
+            file = folder / f"{name}.json"
+            if not file.is_file() or not (name == "base" or self.is_done(name)):
+                return None
+            res = json.loads(file.read_text())
+            return res if res.get("key") == key(name) else None
 
         wanted = list(cfg.eval_policies())
-        earlier = [p.stem for p in folder.glob("*.json") if p.stem in ("base", "sft", *POLICIES) and p.stem not in wanted]
-        for name in earlier:  # kept (and listed) while their checkpoints are unchanged
-            res = json.loads((folder / f"{name}.json").read_text())
-            if (name == "base" or self.is_done(name)) and res.get("key") == json.loads(json.dumps(key(name))):
+        for name in ("base", "sft", *POLICIES):  # earlier policies stay listed beside the new ones
+            if name not in wanted and (res := reusable(name)) is not None:
                 results[name] = res
         for name in wanted:
+            if (res := reusable(name)) is not None:
+                _say(f"  {name}: evaluated already with the same checkpoint and settings, reused")
+                results[name] = res
+                continue
             path = paths.get(name) or self.checkpoint(name)
-            old = folder / f"{name}.json"
-            if old.is_file():
-                res = json.loads(old.read_text())
-                if res.get("key") == json.loads(json.dumps(key(name))):
-                    _say(f"  {name}: evaluated already with the same checkpoint and settings, reused")
-                    results[name] = res
-                    continue
             policy = self.frozen_policy(path)
             ref_name = refs.get(name)
             reference = None

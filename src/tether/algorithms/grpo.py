@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from tether.advantages import grpo_advantages, rloo_advantages
-from tether.algorithms.ppo import rows_logprobs
+from tether.algorithms.ppo import _pad_to, rows_logprobs
 from tether.config import GRPOConfig
 from tether.data.tokenize import Encoder
 from tether.engine import Engine, MetricsLogger, progress_bar
@@ -41,10 +41,6 @@ def group_advantages(rewards: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
     if cfg.advantage == "rloo":
         return rloo_advantages(grouped).reshape(-1)
     return grpo_advantages(grouped, scale=cfg.scale, eps=cfg.eps).reshape(-1)
-
-
-def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.size(1)))
 
 
 @torch.no_grad()
