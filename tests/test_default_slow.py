@@ -18,6 +18,7 @@ CUT = [
     "rm.max_steps=2",
     "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
     "eval.n_prompts=8",
+    "monitor.n_prompts=4", "monitor.checks=1",
 ]
 
 
@@ -57,6 +58,12 @@ def test_default_pipeline_runs_every_stage(default_run):
     assert 0 <= summary["reward_model"]["heldout_accuracy"] <= 1
     prefs = summary["preferences"]
     assert prefs["k"] == 4 and prefs["rankings"] > 12  # the overlapping items carry several raters
+    assert len(summary["reward_model"]["heldout_accuracy_per_head"]) == 4
+    m = summary["monitor"]["ppo"]
+    assert m["heldout"] == "gold" and isinstance(m["hacking_detected"], bool)
+    history = json.loads((out / "ppo" / "monitor.json").read_text())["history"]
+    assert [r["step"] for r in history] == [0, 2] and all(math.isfinite(r["monitor/ensemble_std"]) for r in history)
+    assert (out / "report.html").is_file() and "<svg" in (out / "report.html").read_text()
 
 
 def test_default_checkpoints_load_with_plain_transformers(default_run):
@@ -67,7 +74,7 @@ def test_default_checkpoints_load_with_plain_transformers(default_run):
         model = AutoModelForCausalLM.from_pretrained(out / stage / "checkpoint")
         assert not hasattr(model, "peft_config")  # LoRA merged into plain weights
     rm = AutoModelForSequenceClassification.from_pretrained(out / "rm" / "checkpoint")
-    assert rm.config.num_labels == 1
+    assert rm.config.num_labels == 4  # the default preset's ensemble of reward heads
 
 
 def test_zoo_model_is_cached_once(default_run):

@@ -12,6 +12,12 @@ import pytest
 pytestmark = pytest.mark.smoke
 
 
+def _train_rows(path) -> list[dict]:
+    """A stage's training rows from its metrics.jsonl (the monitor's rows left out)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if not any(k.startswith("monitor/") for k in r)]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, _tether_home):
     from tether.config import load_config
@@ -47,7 +53,7 @@ def test_summary_file_and_stage_artifacts(tiny_run):
     for stage in ("sft", "rm", "ppo"):
         lines = (out / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and all(json.loads(line)["step"] >= 0 for line in lines)
-    ppo_row = json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
+    ppo_row = _train_rows(out / "ppo" / "metrics.jsonl")[-1]
     for key in ("reward/score", "kl/ref", "kl/coef", "policy/entropy", "ppo/clipfrac", "ppo/approx_kl",
                 "loss/value", "response/length"):
         assert key in ppo_row and math.isfinite(ppo_row[key])
@@ -126,9 +132,94 @@ def test_alternatives_reuse_stages_and_evaluations(tiny_alternatives):
     assert set(final["eval"]) == {"base", "sft", "dpo", "grpo"}  # the earlier DPO evaluation is kept
     dpo = final["dpo"]
     assert dpo["heldout_accuracy"] > 0.6 and dpo["kl_heldout"] > 0
-    row = json.loads((alt / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    row = _train_rows(alt / "dpo" / "metrics.jsonl")[0]
     for key in ("loss/dpo", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"):
         assert key in row and math.isfinite(row[key])
-    grpo_row = json.loads((alt / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    grpo_row = _train_rows(alt / "grpo" / "metrics.jsonl")[-1]
     for key in ("reward/score", "reward/gold", "kl/ref", "groups/flat", "policy/clipfrac"):
         assert key in grpo_row and math.isfinite(grpo_row[key])
+
+
+def test_monitor_is_quiet_with_the_default_kl(tiny_run):
+    out, summary = tiny_run
+    m = summary["monitor"]["ppo"]
+    assert m["hacking_detected"] is False and m["first_alarm_step"] is None and m["alarms"] == []
+    assert m["heldout"] == "gold" and m["last_step"] == 40
+    history = json.loads((out / "ppo" / "monitor.json").read_text())["history"]
+    assert [r["step"] for r in history] == [0, 5, 10, 15, 20, 25, 30, 35, 40]  # tiny: 8 checks over 40 steps
+    for key in ("proxy", "gold", "kl", "entropy", "length", "distinct1", "distinct2", "repeat_rate",
+                "refusal_rate", "flattery_rate"):
+        assert all(math.isfinite(r[f"monitor/{key}"]) for r in history), key
+    assert history[-1]["monitor/proxy"] > history[0]["monitor/proxy"] and history[0]["monitor/kl"] == 0
+    assert list((out / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
+    assert "no over-optimisation alarm" in (out / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_hacked(tiny_run, tmp_path_factory):
+    """PPO from the same SFT policy and reward model with no KL penalty (β = 0) and three
+    times the steps: it games its reward model."""
+    import shutil
+
+    from tether.config import load_config
+    from tether.pipeline import Pipeline
+
+    out, _ = tiny_run
+    hack = tmp_path_factory.mktemp("tiny_b0")
+    for stage in ("data", "sft", "prefs", "rm"):
+        shutil.copytree(out / stage, hack / stage)
+    cfg = load_config(preset="tiny", overrides=[f"out={hack}", "ppo.kl.controller=fixed", "ppo.kl.init_coef=0",
+                                                "ppo.steps=120", "monitor.checks=12", "eval.policies=[ppo]"])
+    return hack, cfg, Pipeline(cfg).run()
+
+
+def test_without_kl_the_monitor_catches_reward_hacking(tiny_hacked):
+    hack, cfg, summary = tiny_hacked
+    m = summary["monitor"]["ppo"]
+    assert m["hacking_detected"] is True
+    kinds = {a["kind"]: a["step"] for a in m["alarms"]}
+    assert "proxy_up_heldout_down" in kinds
+    history = {r["step"]: r for r in json.loads((hack / "ppo" / "monitor.json").read_text())["history"]}
+    best, alarm = history[m["best_step"]], history[kinds["proxy_up_heldout_down"]]
+    assert alarm["monitor/proxy"] > best["monitor/proxy"]  # the proxy still rose ...
+    assert alarm["monitor/gold"] < best["monitor/gold"] - 0.03  # ... while gold fell
+    assert m["best_step"] < m["last_step"] and m["best_heldout"] > m["last_heldout"]
+    assert m["checkpoint"] == "last" and (hack / "ppo" / "best" / "config.json").is_file()
+    assert "over-optimisation detected" in (hack / "report.html").read_text()
+
+
+def test_the_kept_best_checkpoint_beats_the_last_on_heldout_gold(tiny_hacked):
+    """Selected on the validation prompts, judged on the held-out ones."""
+    from tether.evaluate import evaluate_policy
+    from tether.pipeline import Pipeline
+
+    hack, cfg, summary = tiny_hacked
+    pipe = Pipeline(cfg)
+    assert not set(pipe.validation_prompts()) & set(pipe.task.heldout_prompts())
+    best = evaluate_policy(pipe.frozen_policy(str(hack / "ppo" / "best")), pipe.encoder(), pipe.task,
+                           pipe.task.heldout_prompts(), cfg.eval, seed=pipe._seed(6))
+    last = summary["eval"]["ppo"]
+    combined = math.sqrt(best["gold_stderr"] ** 2 + last["gold_stderr"] ** 2)
+    assert best["gold_mean"] - last["gold_mean"] > 2 * combined, (best["gold_mean"], last["gold_mean"])
+
+
+def test_early_stop_ends_the_stage_at_the_alarm(tiny_hacked, tmp_path):
+    import shutil
+
+    from tether.config import load_config
+    from tether.pipeline import Pipeline
+
+    hack, _, summary = tiny_hacked
+    for stage in ("data", "sft", "prefs", "rm"):
+        shutil.copytree(hack / stage, tmp_path / stage)
+    cfg = load_config(preset="tiny", overrides=[f"out={tmp_path}", "ppo.kl.controller=fixed", "ppo.kl.init_coef=0",
+                                                "ppo.steps=120", "monitor.checks=12", "monitor.early_stop=true",
+                                                "monitor.select=best", "stages=[ppo]", "report=false"])
+    stopped = Pipeline(cfg).run()
+    m = stopped["monitor"]["ppo"]
+    alarm = next(a["step"] for a in m["alarms"] if a["kind"] == "proxy_up_heldout_down")
+    assert m["early_stopped_at"] == alarm < 120  # drift alarms alone do not stop (stop_on: hacking)
+    assert json.loads((tmp_path / "ppo" / "stage.json").read_text())["steps"] == alarm
+    # select: best -> the checkpoint is the best check's weights, the last ones beside it
+    assert m["checkpoint"] == "best" and (tmp_path / "ppo" / "last" / "config.json").is_file()
+    assert not (tmp_path / "report.html").exists()

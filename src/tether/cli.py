@@ -5,6 +5,7 @@
     tether models list | pull NAME
     tether data validate FILE [--kind demos|rankings]
     tether config [--preset NAME]                  every key, its value and what it does
+    tether report DIR                              rebuild DIR/report.html
 """
 
 from __future__ import annotations
@@ -104,7 +105,16 @@ def _print_summary(summary: dict) -> None:
         )
     stages = summary.get("stages", {})
     console.print("wall time: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in stages.items() if v.get("seconds") is not None))
+    for name, m in (summary.get("monitor") or {}).items():
+        if m.get("hacking_detected"):
+            console.print(f"[bold red]⚠ {name}: over-optimisation alarm at step {m.get('first_alarm_step')} "
+                          f"({', '.join(a['kind'] for a in m.get('alarms') or [])}); best held-out "
+                          f"{m.get('heldout')} at step {m.get('best_step')}[/bold red]")
+        else:
+            console.print(f"{name}: no over-optimisation alarm")
     console.print(f"run directory: {summary['run_dir']}  (summary.json)")
+    if summary.get("report"):
+        console.print(f"report: {summary['report']}")
 
 
 def cmd_run(args, extra, command: str | None = None) -> int:
@@ -196,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["validate"])
     p.add_argument("file")
     p.add_argument("--kind", choices=["auto", "demos", "rankings"], default="auto")
+    p = sub.add_parser("report", help="rebuild a run's self-contained report.html (plots, monitor verdicts, samples)")
+    p.add_argument("dir", help="run directory")
+    p.add_argument("--out", help="where to write it (default: DIR/report.html)")
     p = sub.add_parser("config", help="print the resolved config (or every key with --keys)",
                        usage="tether config [CONFIG.yaml] [--preset NAME] [--keys] [--section.key VALUE ...]")
     _add_run_args(p)
@@ -225,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data(args, extra)
         if args.command == "config":
             return cmd_config(args, extra)
+        if args.command == "report":
+            from tether.report import build_report
+
+            print(f"report: {build_report(args.dir, args.out)}")
+            return 0
     except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2

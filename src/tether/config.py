@@ -190,10 +190,18 @@ class RMConfig:
     max_steps: int = _f(0, "Stop after this many optimiser steps (0 = use epochs).")
     share_prompt: bool = _f(True, "Run each ranking's prompt once for its K responses (its KV cache repeated): "
                                   "the same scores and gradients for about half the compute at K = 4.")
+    ensemble: int = _f(1, "Reward heads on the shared backbone (> 1: an ensemble whose members differ in their "
+                          "head's initialisation and, with `bootstrap`, in their bootstrap sample of the rankings).")
+    bootstrap: bool = _f(True, "ensemble > 1: each head weighs each ranking by its count in its own bootstrap "
+                               "resample (Poisson(1)).")
+    uncertainty_penalty: float = _f(0.0, "λ: the 'rm' reward is mean − λ·std over the ensemble's heads "
+                                         "(uncertainty-penalised reward; 0 = the mean).")
     optim: OptimConfig = _sub(OptimConfig, "Optimiser for the reward model (batch = rankings).")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.ensemble >= 1, "ensemble", "must be >= 1")
+        _check(self.uncertainty_penalty >= 0, "uncertainty_penalty", "must be >= 0")
 
 
 @dataclass
@@ -375,6 +383,60 @@ class EvalConfig:
         bad = [p for p in self.kl if p not in ("sft", *POLICIES)]
         _check(not bad, "kl", f"unknown policies {bad}; choose from sft, {', '.join(POLICIES)}")
 
+REFUSAL_PHRASES = ["i can't", "i cannot", "i'm sorry", "i am sorry", "as an ai", "i'm unable", "i am unable",
+                   "i won't be able"]
+FLATTERY_PHRASES = ["great question", "excellent question", "what a wonderful", "you're absolutely right",
+                    "you are absolutely right", "i'm so glad", "happy to help", "amazing question"]
+
+
+@dataclass
+class MonitorConfig:
+    enabled: bool = _f(True, "Check the policy on validation prompts during ppo/grpo/rloo/dpo (proxy vs gold/judge, "
+                             "KL, length, diversity, entropy, phrase rates) and watch for reward hacking.")
+    n_prompts: int = _f(32, "Validation prompts: the last ones of the task's training prompts, never trained on by "
+                            "the policy stages nor used by the final evaluation.")
+    checks: int = _f(4, "Checks spread evenly over a stage (plus one before its first step).")
+    every: int = _f(0, "Check every this many steps instead (0 = use `checks`).")
+    judge: Optional[str] = _f(None, "A held-out judge scored on the validation samples: a reward spec such as "
+                                    "'module:function' or 'gold' (never optimised).")
+    heldout_rm: Optional[str] = _f(None, "A second reward model (checkpoint folder) scored on the validation "
+                                         "samples as a held-out signal.")
+    tolerance: float = _f(0.03, "Held-out drop below its best that can raise the proxy-up/held-out-down alarm.")
+    z: float = _f(2.0, "... and the drop must exceed z paired standard errors (per-prompt differences).")
+    patience: int = _f(2, "Checks in a row the proxy-up/held-out-down condition must hold.")
+    max_length_ratio: float = _f(2.0, "Alarm when the mean response length exceeds this × its value at the start.")
+    min_length_ratio: float = _f(0.33, "Alarm when the mean response length falls below this × its start.")
+    min_diversity_ratio: float = _f(0.6, "Alarm when distinct-2 falls below this × its value at the start.")
+    max_repeat_rate: float = _f(0.3, "Alarm when more than this share of the responses' 3-grams repeat.")
+    max_disagreement_ratio: float = _f(3.0, "Alarm when the RM ensemble's std exceeds this × its start.")
+    early_stop: bool = _f(False, "Stop the stage at the first alarm (see `stop_on`).")
+    stop_on: Literal["hacking", "any"] = _f("hacking", "Which alarm stops: proxy-up/held-out-down only, or any drift.")
+    keep_best: bool = _f(True, "Keep the weights of the best check by the held-out signal and save them as "
+                               "<stage>/best/ beside the last checkpoint when they differ.")
+    select: Literal["last", "best"] = _f("last", "Which weights become <stage>/checkpoint (evaluated and used "
+                                                 "downstream); the other is kept as <stage>/best or <stage>/last.")
+    refusal_phrases: list = _f(REFUSAL_PHRASES, "Phrases counted by monitor/refusal_rate (case-insensitive).")
+    flattery_phrases: list = _f(FLATTERY_PHRASES, "Phrases counted by monitor/flattery_rate (case-insensitive).")
+    generation: GenerationConfig = _sub(GenerationConfig, "Sampling on the validation prompts (fixed seed).")
+
+    def __post_init__(self) -> None:
+        _check(self.n_prompts > 1, "n_prompts", "must be > 1")
+        _check(self.checks > 0, "checks", "must be > 0")
+        _check(self.every >= 0, "every", "must be >= 0")
+        _check(self.patience > 0, "patience", "must be > 0")
+        _check(0 < self.min_length_ratio <= 1 <= self.max_length_ratio, "max_length_ratio",
+               "need 0 < min_length_ratio <= 1 <= max_length_ratio")
+        if self.judge:
+            from tether.rewards import parse_reward_spec
+
+            try:
+                parse_reward_spec(self.judge)
+            except ValueError as exc:
+                raise ConfigError(f"monitor.judge: {exc}") from None
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
 
 @dataclass
 class RunConfig:
@@ -390,6 +452,9 @@ class RunConfig:
     stages: list = _f([], "Stages to run, in order; empty = what `policy` and `reward` need, e.g. data, sft, "
                           "prefs, rm, ppo, eval.")
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
+    trackers: list = _f(["tensorboard"], "Where metrics go besides each stage's metrics.jsonl: tensorboard "
+                                          "(DIR/tensorboard/<stage>), wandb, mlflow, trackio (when installed).")
+    report: bool = _f(True, "Write DIR/report.html at the end of the run.")
     model: ModelConfig = _sub(ModelConfig, "The policy's model.")
     lora: LoRAConfig = _sub(LoRAConfig, "LoRA adapters for every stage.")
     task: TaskConfig = _sub(TaskConfig, "Built-in task (prompts, gold score, demonstrations).")
@@ -401,8 +466,11 @@ class RunConfig:
     grpo: GRPOConfig = _sub(GRPOConfig, "GRPO: G samples per prompt, group-relative advantages.")
     rloo: RLOOConfig = _sub(RLOOConfig, "RLOO: G samples per prompt, leave-one-out baseline.")
     eval: EvalConfig = _sub(EvalConfig, "Held-out evaluation of every policy.")
+    monitor: MonitorConfig = _sub(MonitorConfig, "Reward-hacking monitors, over-optimisation alarms, best checkpoint.")
 
     def __post_init__(self) -> None:
+        bad = [t for t in self.trackers if t not in TRACKERS]
+        _check(not bad, "trackers", f"unknown trackers {bad}; choose from {', '.join(TRACKERS)}")
         bad = [s for s in self.stages if s not in STAGES]
         _check(not bad, "stages", f"unknown stages {bad}; choose from {', '.join(STAGES)}")
         from tether.rewards import parse_reward_spec

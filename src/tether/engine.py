@@ -54,15 +54,29 @@ def batch_indices(n_items: int, batch_size: int, micro_batch_size: int, steps: i
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and, when asked, sends
+    the numbers to trackers: ``tensorboard`` (event files under ``tensorboard_dir``), and
+    ``wandb``, ``mlflow`` or ``trackio`` when they are installed (a tracker that is asked
+    for but missing is skipped with one warning; the run goes on).
+    """
 
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, *, trackers: Iterable[str] = (), tensorboard_dir: str | Path | None = None,
+                 run_name: str = "tether", project: str = "tether"):
         self.path = Path(path) if path else None
         self._fh = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", encoding="utf-8")
         self.history: list[dict] = []
+        self._sinks: list = []
+        for name in trackers:
+            try:
+                self._sinks.append(_open_tracker(name, tensorboard_dir, run_name, project))
+            except ImportError as exc:
+                import warnings
+
+                warnings.warn(f"tracker '{name}' asked for but not installed ({exc}); metrics go to "
+                              f"{self.path} only", stacklevel=2)
 
     def log(self, step: int, metrics: dict) -> dict:
         row = {"step": int(step), "time": round(time.time(), 3)}
@@ -76,12 +90,61 @@ class MetricsLogger:
         if self._fh is not None:
             self._fh.write(json.dumps(row) + "\n")
             self._fh.flush()
+        numbers = {k: float(v) for k, v in row.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for sink in self._sinks:
+            sink(int(step), numbers)
         return row
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        for sink in self._sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+        self._sinks = []
+
+
+class _Sink:
+    def __init__(self, log, close=None):
+        self._log, self.close = log, close or (lambda: None)
+
+    def __call__(self, step: int, numbers: dict) -> None:
+        self._log(step, numbers)
+
+
+def _open_tracker(name: str, tensorboard_dir, run_name: str, project: str) -> _Sink:
+    """One metrics sink: ``(step, {name: number}) -> None`` with a ``close()``."""
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(tensorboard_dir or "tensorboard"))
+
+        def log(step, numbers):
+            for k, v in numbers.items():
+                writer.add_scalar(k, v, step)
+
+        return _Sink(log, lambda: (writer.flush(), writer.close()))
+    if name == "wandb":
+        import wandb
+
+        run = wandb.init(project=project, name=run_name, reinit=True)
+        return _Sink(lambda step, numbers: run.log(numbers, step=step), run.finish)
+    if name == "mlflow":
+        import mlflow
+
+        mlflow.set_experiment(project)
+        active = mlflow.start_run(run_name=run_name)
+        return _Sink(lambda step, numbers: mlflow.log_metrics(numbers, step=step),
+                     lambda: mlflow.end_run() if mlflow.active_run() is active else None)
+    if name == "trackio":
+        import trackio
+
+        trackio.init(project=project, name=run_name)
+        return _Sink(lambda step, numbers: trackio.log(numbers, step=step), trackio.finish)
+    raise ValueError(f"unknown tracker {name!r}; use tensorboard, wandb, mlflow or trackio")
 
 
 def _schedule(cfg: OptimConfig, total_steps: int):

@@ -15,6 +15,8 @@ __all__ = [
     "bradley_terry_loss",
     "ranking_pairwise_loss",
     "plackett_luce_loss",
+    "ranking_loss_terms",
+    "ensemble_ranking_loss",
     "ppo_policy_loss",
     "value_loss",
     "DPO_VARIANTS",
@@ -109,6 +111,58 @@ def plackett_luce_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -
     if mask is not None:
         terms = terms.masked_fill(~mask, 0.0)
     return terms.sum(dim=-1).mean()
+
+
+def ranking_loss_terms(scores: torch.Tensor, mask: torch.Tensor, loss: str = "bradley_terry"):
+    """Per-ranking loss sums and term counts, each [B, ...] for scores [B, K, ...].
+
+    ``bradley_terry``: the sum of −log σ(s_i − s_j) over the row's valid pairs i < j, and
+    the number of those pairs; ``plackett_luce``: the row's negative log-likelihood, and 1.
+    Trailing dimensions (e.g. the H heads of an ensemble) are carried through.
+    """
+    extra = scores.dim() - 2
+    m = mask.view(*mask.shape, *([1] * extra)).expand_as(scores)
+    if loss == "bradley_terry":
+        k = scores.size(1)
+        i, j = torch.triu_indices(k, k, offset=1, device=scores.device)
+        pair_mask = (m[:, i] & m[:, j]).to(scores.dtype)
+        terms = -F.logsigmoid(scores[:, i] - scores[:, j]) * pair_mask
+        return terms.sum(dim=1), pair_mask.sum(dim=1)
+    if loss == "plackett_luce":
+        filled = scores.masked_fill(~m, float("-inf"))
+        suffix_lse = torch.logcumsumexp(filled.flip(1), dim=1).flip(1)
+        terms = (suffix_lse - filled).masked_fill(~m, 0.0)
+        return terms.sum(dim=1), torch.ones_like(terms.sum(dim=1))
+    raise ValueError(f"unknown ranking loss {loss!r}; use bradley_terry or plackett_luce")
+
+
+def ensemble_ranking_loss(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    loss: str = "bradley_terry",
+    normaliser: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ranking loss of an ensemble of H reward heads, each on its own bootstrap sample.
+
+    Args:
+        scores: [B, K, H] scores of K ranked responses (best first) under each head.
+        mask: [B, K] bool, false in padded slots.
+        weights: [B, H] each ranking's weight for each head (its count in the head's
+            bootstrap resample; all ones for no bootstrap).
+        normaliser: [H] Σ_b weight·terms over the whole batch when this is one micro-batch
+            of it (so that micro-batch losses add up to the batch's); default: this batch's.
+
+    Returns: scalar, the mean over heads of Σ_b w_bh·L_bh / Σ_b w_bh·n_b (L: the row's loss
+    sum, n: its number of terms; see :func:`ranking_loss_terms`). With H = 1 and unit
+    weights it is :func:`ranking_pairwise_loss` / :func:`plackett_luce_loss`.
+    """
+    sums, counts = ranking_loss_terms(scores, mask, loss)  # [B, H]
+    w = weights.to(sums.dtype)
+    if normaliser is None:
+        normaliser = (w * counts).sum(dim=0)
+    return ((w * sums).sum(dim=0) / normaliser.to(sums.dtype).clamp(min=1e-12)).mean()
 
 
 def ppo_policy_loss(

@@ -23,6 +23,7 @@ __all__ = [
     "load_tokenizer",
     "load_policy",
     "load_scalar_model",
+    "scalar_heads",
     "frozen_copy",
     "reference_context",
     "policy_logits",
@@ -78,20 +79,36 @@ def load_policy(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None = Non
     return model
 
 
-def load_scalar_model(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None = None, *, pad_token_id: int | None = None):
-    """A reward/value model: ``AutoModelForSequenceClassification(num_labels=1)``.
+def scalar_heads(name: str) -> int:
+    """Outputs of the ``score`` head a checkpoint holds: its ``num_labels`` when it is a
+    sequence-classification (reward) checkpoint, else 1."""
+    from transformers import AutoConfig
 
-    Loaded from a causal-LM checkpoint the backbone weights are reused and the scalar head
+    config = AutoConfig.from_pretrained(resolve_model(name))
+    archs = getattr(config, "architectures", None) or []
+    return int(config.num_labels) if any(a.endswith("ForSequenceClassification") for a in archs) else 1
+
+
+def load_scalar_model(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None = None, *,
+                      pad_token_id: int | None = None, num_labels: int | None = 1):
+    """A reward/value model: ``AutoModelForSequenceClassification(num_labels)``.
+
+    Loaded from a causal-LM checkpoint the backbone weights are reused and the head
     (``score``) starts from a small random init; from a reward checkpoint everything loads.
+    ``num_labels`` > 1 gives an ensemble of heads on one backbone; None keeps the number a
+    reward checkpoint has (1 for any other checkpoint). A head of another size than the
+    checkpoint's starts afresh (e.g. a one-output value model from an ensemble RM).
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    if num_labels is None:
+        num_labels = scalar_heads(name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights newly initialised" is expected here
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(name), num_labels=1, dtype=_DTYPES[model_cfg.dtype]
+            resolve_model(name), num_labels=num_labels, dtype=_DTYPES[model_cfg.dtype], ignore_mismatched_sizes=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -240,7 +257,8 @@ def _unwrap(model):
 
 
 def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar head applied at every position of a sequence-classification model: [B, L].
+    """Scalar head applied at every position of a sequence-classification model: [B, L]
+    ([B, L, H] for a head with H > 1 outputs, an ensemble).
 
     Used for values (every position) and rewards (gathered at the last token), without
     relying on the model's own pad-token pooling (which breaks when pad == eos).

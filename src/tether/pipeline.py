@@ -57,6 +57,8 @@ class Pipeline:
 
         self.task = get_task(cfg.task.name, n_heldout=cfg.task.n_heldout)
         self._tokenizer = None
+        self._rm = None  # the reward model reward_fn loaded (the monitor reads its heads)
+        self._rm_cache = None  # (rollout, its scores): the last rollout the reward model scored
 
     # ------------------------------------------------------------------ helpers
     def stage_dir(self, stage: str) -> Path:
@@ -104,6 +106,83 @@ class Pipeline:
         low = active_autocast_dtype(next(model.parameters()).device)
         return model.to(low) if low is not None else model
 
+    def logger(self, folder: Path) -> MetricsLogger:
+        """The stage's metrics.jsonl, plus the run's trackers (TensorBoard: DIR/tensorboard/<stage>)."""
+        return MetricsLogger(folder / "metrics.jsonl", trackers=self.cfg.trackers,
+                             tensorboard_dir=self.dir / "tensorboard" / folder.name,
+                             run_name=f"{self.dir.name}/{folder.name}")
+
+    def validation_prompts(self) -> list:
+        """The monitor's prompts: the last ``monitor.n_prompts`` training prompts, which the
+        policy stages never train on (the final evaluation uses the held-out prompts)."""
+        if not self.cfg.monitor.enabled:
+            return []
+        train = self.task.train_prompts()
+        n = min(self.cfg.monitor.n_prompts, len(train) // 4)
+        return train[len(train) - n :]
+
+    def rl_prompts(self) -> list:
+        """Training prompts of the policy stages (the validation prompts held back)."""
+        train = self.task.train_prompts()
+        return train[: len(train) - len(self.validation_prompts())]
+
+    def make_monitor(self, name: str, policy, reference, total_steps: int, logger, *, proxy_fn=None,
+                     implicit_beta: float | None = None):
+        """The monitor of a policy stage (None when ``monitor.enabled`` is off)."""
+        if not self.cfg.monitor.enabled:
+            return None
+        from tether.monitor import Monitor
+
+        m = self.cfg.monitor
+        judge_fn = self.score_spec(m.judge, m.generation.batch_size) if m.judge else None
+        heldout_rm_fn = None
+        if m.heldout_rm:
+            from tether.algorithms.reward import ensemble_reward, score_rollout
+            from tether.models import load_scalar_model
+
+            held = load_scalar_model(m.heldout_rm, self.cfg.model, pad_token_id=self.encoder().pad_id, num_labels=None)
+            held.requires_grad_(False)
+            heldout_rm_fn = lambda rollout, held=held: ensemble_reward(score_rollout(held, rollout, m.generation.batch_size))  # noqa: E731
+        ensemble_fn = None
+        if self._rm is not None and getattr(self._rm.config, "num_labels", 1) > 1:
+            ensemble_fn = lambda rollout: self.rm_heads(rollout, m.generation.batch_size)  # noqa: E731
+        return Monitor(m, policy, reference, self.encoder(), self.validation_prompts(), total_steps,
+                       proxy_fn=proxy_fn, gold_fn=self.task.gold_batch if hasattr(self.task, "gold") else None,
+                       judge_fn=judge_fn, heldout_rm_fn=heldout_rm_fn, ensemble_fn=ensemble_fn,
+                       implicit_beta=implicit_beta, logger=logger, seed=self._seed(50), name=name)
+
+    def save_policy(self, folder: Path, policy, monitor) -> dict:
+        """Save the stage's policy as ``checkpoint/`` and, when the monitor's best check is not
+        the last, the other one beside it (``best/`` or, with ``monitor.select: best``,
+        ``last/``); returns the monitor's summary (written to ``monitor.json`` too)."""
+        from tether.models import save_checkpoint
+
+        tok = self.encoder().tokenizer
+        if monitor is None:
+            save_checkpoint(policy, tok, folder / "checkpoint")
+            return {}
+        summary = monitor.summary()
+        differs = monitor.best_state is not None and summary["best_step"] != summary["last_step"]
+        if differs and self.cfg.monitor.select == "best":
+            save_checkpoint(policy, tok, folder / "last")
+            monitor.restore_best()
+            save_checkpoint(policy, tok, folder / "checkpoint")
+            summary.update(checkpoint="best", other_checkpoint=str(folder / "last"))
+        else:
+            save_checkpoint(policy, tok, folder / "checkpoint")
+            summary["checkpoint"] = "last"
+            if differs:
+                monitor.restore_best()
+                save_checkpoint(policy, tok, folder / "best")
+                summary["other_checkpoint"] = str(folder / "best")
+        write_json(folder / "monitor.json", {**summary, "history": [
+            {k: v for k, v in r.items() if k != "per_prompt"} for r in monitor.history]})
+        if summary["hacking_detected"]:
+            _say(f"[bold red]⚠ {folder.name}: over-optimisation alarms from step {summary['first_alarm_step']} "
+                 f"({', '.join(a['kind'] for a in summary['alarms'])}); best held-out "
+                 f"{summary['heldout']} at step {summary['best_step']}[/bold red]")
+        return summary
+
     def _seed(self, offset: int) -> int:
         seed = self.cfg.seed * 1000 + offset
         random.seed(seed)
@@ -140,7 +219,12 @@ class Pipeline:
             result["seconds"] = round(time.time() - t0, 2)
             write_json(folder / "stage.json", result)
             self.write_summary()
-        return self.write_summary()
+        summary = self.write_summary()
+        if self.cfg.report:
+            from tether.report import build_report
+
+            summary["report"] = str(build_report(self.dir))
+        return summary
 
     # ------------------------------------------------------------------ stages
     def stage_data(self, folder: Path) -> dict:
@@ -234,7 +318,7 @@ class Pipeline:
         demos = load_demonstrations(self.stage_dir("data") / "demos.jsonl")
         encoder = self.encoder()
         model = load_policy(cfg.model.name, cfg.model, cfg.lora)
-        logger = MetricsLogger(folder / "metrics.jsonl")
+        logger = self.logger(folder)
         result = train_sft(model, encoder, demos, cfg.sft, seed=seed, logger=logger)
         logger.close()
         save_checkpoint(model, encoder.tokenizer, folder / "checkpoint")
@@ -359,8 +443,9 @@ class Pipeline:
         seed = self._seed(4)
         encoder = self.encoder()
         rankings = load_rankings(self.stage_dir("prefs") / "rankings.jsonl", allow_empty_responses=True)
-        model = load_scalar_model(self.checkpoint("sft"), cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
-        logger = MetricsLogger(folder / "metrics.jsonl")
+        model = load_scalar_model(self.checkpoint("sft"), cfg.model, cfg.lora, pad_token_id=encoder.pad_id,
+                                  num_labels=cfg.rm.ensemble)
+        logger = self.logger(folder)
         result = train_reward(model, encoder, rankings, cfg.rm, seed=seed, logger=logger)
         # held-out pairwise accuracy against the gold order
         groups = [rec for _, rec in read_jsonl(self.stage_dir("prefs") / "heldout.jsonl")]
@@ -368,13 +453,20 @@ class Pipeline:
         if groups:
             prompts = [g["prompt"] for g in groups for _ in g["responses"]]
             responses = [r for g in groups for r in g["responses"]]
-            scores = score_responses(model, encoder, prompts, responses).tolist()
-            pos = 0
-            for g in groups:
-                k = len(g["responses"])
-                x, n = pairwise_accuracy(scores[pos : pos + k], g["gold"])
-                agree, total, pos = agree + x, total + n, pos + k
-        result["heldout_accuracy"] = agree / total if total else None
+            heads = score_responses(model, encoder, prompts, responses)
+            heads = heads.unsqueeze(-1) if heads.dim() == 1 else heads
+            per_head = []
+            for h in range(-1, heads.size(1)):  # -1: the ensemble's mean
+                scores = (heads.mean(dim=1) if h < 0 else heads[:, h]).tolist()
+                agree = total = pos = 0
+                for g in groups:
+                    k = len(g["responses"])
+                    x, n = pairwise_accuracy(scores[pos : pos + k], g["gold"])
+                    agree, total, pos = agree + x, total + n, pos + k
+                per_head.append(agree / total if total else None)
+            if heads.size(1) > 1:
+                result["heldout_accuracy_per_head"] = per_head[1:]
+        result["heldout_accuracy"] = per_head[0] if groups else None
         result["heldout_pairs"] = total
         logger.log(result["steps"], {"rm/heldout_accuracy": result["heldout_accuracy"]})
         logger.close()
@@ -400,32 +492,53 @@ class Pipeline:
             value_model = load_scalar_model(value_from, cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
 
         score_fn = self.reward_fn(cfg.ppo.micro_batch_size)
-        logger = MetricsLogger(folder / "metrics.jsonl")
-        result = train_ppo(policy, value_model, reference, encoder, self.task.train_prompts(), score_fn, cfg.ppo,
-                           seed=seed, gold_fn=self.task.gold_batch, logger=logger)
+        logger = self.logger(folder)
+        monitor = self.make_monitor("ppo", policy, reference, cfg.ppo.steps, logger, proxy_fn=score_fn)
+        result = train_ppo(policy, value_model, reference, encoder, self.rl_prompts(), score_fn, cfg.ppo,
+                           seed=seed, gold_fn=self.task.gold_batch, logger=logger, monitor=monitor)
         logger.close()
-        save_checkpoint(policy, encoder.tokenizer, folder / "checkpoint")
+        result["monitor"] = self.save_policy(folder, policy, monitor)
         return result
 
     def reward_fn(self, chunk: int):
         """The run's ``reward`` spec as one function ``(rollout, group) -> [B]``."""
+        return self.score_spec(self.cfg.reward, chunk)
+
+    def score_spec(self, spec: str, chunk: int):
+        """A reward spec ('rm', 'gold', 'module:function', weighted sums) as one function
+        ``(rollout, group) -> [B]``. 'rm' is the run's reward model; an ensemble gives the
+        mean of its heads minus ``rm.uncertainty_penalty`` × their std."""
         from tether.rewards import combine_rewards, load_callable, parse_reward_spec
 
         terms = []
-        for weight, name in parse_reward_spec(self.cfg.reward):
+        for weight, name in parse_reward_spec(spec):
             if name == "rm":
-                from tether.algorithms.reward import score_rollout
+                from tether.algorithms.reward import ensemble_reward, score_rollout
                 from tether.models import load_scalar_model
 
-                rm = load_scalar_model(self.checkpoint("rm"), self.cfg.model, pad_token_id=self.encoder().pad_id)
-                rm.requires_grad_(False)
-                terms.append((weight, lambda rollout, group, rm=rm: score_rollout(rm, rollout, chunk, group)))
+                if self._rm is None:
+                    self._rm = load_scalar_model(self.checkpoint("rm"), self.cfg.model, pad_token_id=self.encoder().pad_id,
+                                                 num_labels=None)
+                    self._rm.requires_grad_(False)
+                lam = self.cfg.rm.uncertainty_penalty
+                terms.append((weight, lambda rollout, group: ensemble_reward(self.rm_heads(rollout, chunk, group), lam)))
             elif name == "gold":
                 terms.append((weight, lambda rollout, group: self.task.gold_batch(rollout.prompts, rollout.texts)))
             else:
                 fn = load_callable(name)
                 terms.append((weight, lambda rollout, group, fn=fn: list(fn(rollout.prompts, rollout.texts))))
         return combine_rewards(terms)
+
+    def rm_heads(self, rollout, chunk: int, group: int = 1):
+        """The reward model's scores of a rollout, [B] or [B, H] for H heads; the last
+        rollout's are kept, so the monitor's proxy and ensemble read one forward pass."""
+        from tether.algorithms.reward import score_rollout
+
+        if self._rm_cache is not None and self._rm_cache[0] is rollout:
+            return self._rm_cache[1]
+        scores = score_rollout(self._rm, rollout, chunk, group)
+        self._rm_cache = (rollout, scores)
+        return scores
 
     def stage_dpo(self, folder: Path) -> dict:
         from tether.algorithms.dpo import REFERENCE_FREE, cache_key, ranking_logps, reference_logps, train_dpo
@@ -455,8 +568,14 @@ class Pipeline:
                 cache_hit = cache_file.exists()
             ref_logps = reference_logps(policy, reference, encoder, rankings, batch_size=d.optim.micro_batch_size,
                                         share_prompt=d.share_prompt, cache_file=cache_file)
-        logger = MetricsLogger(folder / "metrics.jsonl")
-        result = train_dpo(policy, reference, encoder, rankings, d, seed=seed, ref_logps=ref_logps, logger=logger)
+        logger = self.logger(folder)
+        from tether.engine import plan_steps
+
+        total = plan_steps(len(rankings), d.optim.batch_size, d.epochs, d.max_steps)
+        monitor = self.make_monitor("dpo", policy, reference, total, logger,
+                                    implicit_beta=None if d.loss in REFERENCE_FREE else d.beta)
+        result = train_dpo(policy, reference, encoder, rankings, d, seed=seed, ref_logps=ref_logps, logger=logger,
+                           monitor=monitor)
         result["reference_cache_hit"] = cache_hit
         # held-out: does the implicit reward β·(log π − log π_ref) order the held-out
         # responses as gold does? (for SimPO/ORPO: the length-normalised log-prob)
@@ -485,7 +604,7 @@ class Pipeline:
             result.update(self._kl_estimate(policy, reference, d.kl_prompts, d.generation, seed))
             logger.log(result["steps"], {"kl/heldout": result["kl_heldout"]})
         logger.close()
-        save_checkpoint(policy, encoder.tokenizer, folder / "checkpoint")
+        result["monitor"] = self.save_policy(folder, policy, monitor)
         return result
 
     def _kl_estimate(self, policy, reference, n: int, gen, seed: int) -> dict:
@@ -508,12 +627,14 @@ class Pipeline:
         encoder = self.encoder()
         policy = load_policy(self.checkpoint("sft"), cfg.model, cfg.lora)
         reference = frozen_copy(policy) if gcfg.beta > 0 and not cfg.lora.enabled else None
-        logger = MetricsLogger(folder / "metrics.jsonl")
-        result = train_grpo(policy, reference, encoder, self.task.train_prompts(), self.reward_fn(gcfg.micro_batch_size),
-                            gcfg, seed=seed, gold_fn=self.task.gold_batch, logger=logger, name=name)
+        logger = self.logger(folder)
+        reward_fn = self.reward_fn(gcfg.micro_batch_size)
+        monitor = self.make_monitor(name, policy, reference, gcfg.steps, logger, proxy_fn=reward_fn)
+        result = train_grpo(policy, reference, encoder, self.rl_prompts(), reward_fn, gcfg, seed=seed,
+                            gold_fn=self.task.gold_batch, logger=logger, name=name, monitor=monitor)
         result["reward"] = cfg.reward
         logger.close()
-        save_checkpoint(policy, encoder.tokenizer, folder / "checkpoint")
+        result["monitor"] = self.save_policy(folder, policy, monitor)
         return result
 
     def stage_grpo(self, folder: Path) -> dict:
@@ -611,6 +732,16 @@ class Pipeline:
             if self.is_done(name):
                 res = self.result(name)
                 summary[name] = {"reward": res.get("reward"), "first": res.get("first"), "last": res.get("last")}
+        monitors = {name: self.result(name)["monitor"] for name in POLICIES
+                    if self.is_done(name) and self.result(name).get("monitor")}
+        if monitors:
+            summary["monitor"] = {name: {k: m.get(k) for k in ("hacking_detected", "first_alarm_step", "alarms",
+                                                               "heldout", "best_step", "best_heldout", "last_step",
+                                                               "last_heldout", "checkpoint", "other_checkpoint",
+                                                               "early_stopped_at")}
+                                  for name, m in monitors.items()}
+        if self.is_done("rm") and self.result("rm").get("heldout_accuracy_per_head"):
+            summary["reward_model"]["heldout_accuracy_per_head"] = self.result("rm")["heldout_accuracy_per_head"]
         if self.is_done("eval"):
             summary["eval"] = {}
             for name in self.result("eval").get("policies", []):

@@ -151,6 +151,7 @@ def train_dpo(
     ref_logps: torch.Tensor | None = None,
     logger: MetricsLogger | None = None,
     log_every: int = 5,
+    monitor=None,
 ) -> dict:
     """Optimise ``policy`` in place on ``rankings`` with ``cfg.loss``.
 
@@ -158,6 +159,8 @@ def train_dpo(
         reference: the frozen reference, or None for ``policy`` with adapters disabled.
         ref_logps: [N, Kmax] precomputed reference log-probs (see :func:`reference_logps`);
             computed here when None and the loss needs them.
+        monitor: optional :class:`tether.monitor.Monitor` (checked before the first step and
+            as it asks; it can stop training early).
     """
     from tether.algorithms.reward import collate_rankings
 
@@ -172,6 +175,9 @@ def train_dpo(
     policy.train()
     start_time, last, history = time.time(), {}, []
     bar = progress_bar(total, cfg.loss if cfg.loss in REFERENCE_FREE else f"dpo ({cfg.loss})")
+    steps_done = 0
+    if monitor is not None:
+        monitor.check(0)
     for step, micro_idx in enumerate(batch_indices(len(rankings), optim.batch_size, optim.micro_batch_size,
                                                    total, generator)):
         micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt, split=True))
@@ -198,7 +204,10 @@ def train_dpo(
         bar.set_postfix(loss=f"{last['loss/dpo']:.3f}", acc=f"{last['rewards/accuracy']:.2f}",
                         margin=f"{last['rewards/margin']:.2f}")
         bar.update(1)
+        steps_done = step + 1
+        if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+            break
     bar.close()
-    return {"steps": total, "loss": cfg.loss, "beta": cfg.beta, "final_loss": last.get("loss/dpo"),
+    return {"steps": steps_done, "planned_steps": total, "loss": cfg.loss, "beta": cfg.beta, "final_loss": last.get("loss/dpo"),
             "skipped_steps": engine.skipped_steps, "seconds": time.time() - start_time,
             "first": history[0] if history else {}, "last": last}

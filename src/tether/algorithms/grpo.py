@@ -64,6 +64,7 @@ def train_grpo(
     gold_fn: Callable[[list, list], list] | None = None,
     logger: MetricsLogger | None = None,
     name: str = "grpo",
+    monitor=None,
 ) -> dict:
     """Optimise ``policy`` in place.
 
@@ -74,6 +75,8 @@ def train_grpo(
         reward_fn: ``(rollout)`` or ``(rollout, group)`` → rewards [B]; ``group`` is the number
             of adjacent rows sharing a prompt.
         gold_fn: optional (prompts, texts) → gold scores, logged as ``reward/gold``.
+        monitor: optional :class:`tether.monitor.Monitor` (checked before the first step and
+            as it asks; it can stop training early).
     """
     G = cfg.samples_per_prompt
     n_prompts = cfg.rollout_batch_size // G
@@ -92,6 +95,10 @@ def train_grpo(
     history = []
     start_time = time.time()
     bar = progress_bar(cfg.steps, name, unit="rollout")
+    steps_done = 0
+    if monitor is not None:
+        monitor.sampler = sampler
+        monitor.check(0)
     for step in range(cfg.steps):
         # 1. rollout: n_prompts prompts × G samples in adjacent rows
         if len(order) < n_prompts:
@@ -187,9 +194,13 @@ def train_grpo(
                         **({"kl": f"{row['kl/ref']:.2f}"} if "kl/ref" in row else {}),
                         **({"gold": f"{row['reward/gold']:.3f}"} if "reward/gold" in row else {}))
         bar.update(1)
+        steps_done = step + 1
+        if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+            break
     bar.close()
     return {
-        "steps": cfg.steps,
+        "steps": steps_done,
+        "planned_steps": cfg.steps,
         "advantage": cfg.advantage,
         "seconds": time.time() - start_time,
         "skipped_steps": engine.skipped_steps,

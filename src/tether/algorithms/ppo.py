@@ -161,6 +161,7 @@ def train_ppo(
     seed: int = 0,
     gold_fn: GoldFn | None = None,
     logger: MetricsLogger | None = None,
+    monitor=None,
 ) -> dict:
     """Optimise ``policy`` in place with PPO.
 
@@ -176,6 +177,8 @@ def train_ppo(
             number of adjacent rows that share a prompt (so a reward model can run each
             prompt once).
         gold_fn: optional (prompts, texts) → gold scores, logged as ``reward/gold`` (never optimised).
+        monitor: optional :class:`tether.monitor.Monitor`, checked before the first step and
+            as it asks; training stops early when it says so.
     """
     kl_ctl = make_kl_controller(cfg)
     updates_per_rollout = cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
@@ -201,6 +204,10 @@ def train_ppo(
     import inspect
 
     score_takes_group = len(inspect.signature(score_fn).parameters) >= 2
+    steps_done = 0
+    if monitor is not None:
+        monitor.sampler = sampler
+        monitor.check(0)
     for step in range(cfg.steps):
         # 1. rollout: n_prompts prompts × G samples, each prompt's samples in adjacent rows
         if len(order) < n_prompts:
@@ -292,9 +299,13 @@ def train_ppo(
         bar.set_postfix(score=f"{row['reward/score']:.3f}", kl=f"{mean_kl:.2f}",
                         **({"gold": f"{row['reward/gold']:.3f}"} if "reward/gold" in row else {}))
         bar.update(1)
+        steps_done = step + 1
+        if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+            break
     bar.close()
     return {
-        "steps": cfg.steps,
+        "steps": steps_done,
+        "planned_steps": cfg.steps,
         "seconds": time.time() - start_time,
         "final_kl_coef": kl_ctl.value,
         "skipped_steps": engine.skipped_steps,

@@ -16,10 +16,10 @@ from tether.config import RMConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder, pad_left, pad_right
 from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
-from tether.losses import plackett_luce_loss, ranking_pairwise_loss
+from tether.losses import ensemble_ranking_loss, plackett_luce_loss, ranking_loss_terms, ranking_pairwise_loss
 from tether.models import grouped_token_scalars, token_scalars
 
-__all__ = ["collate_rankings", "ranking_scores", "train_reward", "score_responses", "score_rollout", "pairwise_accuracy"]
+__all__ = ["collate_rankings", "ranking_scores", "bootstrap_weights", "ensemble_reward", "ensemble_spread", "train_reward", "score_responses", "score_rollout", "pairwise_accuracy"]
 
 RANKING_LOSSES = {"bradley_terry": ranking_pairwise_loss, "plackett_luce": plackett_luce_loss}
 
@@ -60,7 +60,8 @@ def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bo
 
 
 def ranking_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Scores [B, Kmax] of a collated ranking batch (0 in padded slots)."""
+    """Scores [B, Kmax] of a collated ranking batch (0 in padded slots); [B, Kmax, H] for a
+    model with H reward heads."""
     if "group" in batch:
         lengths = batch["response_mask"].sum(dim=1)
         per_token = grouped_token_scalars(model, batch["query_ids"], batch["query_mask"], batch["response_ids"],
@@ -70,7 +71,16 @@ def ranking_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         per_token = token_scalars(model, batch["input_ids"], batch["attention_mask"])
         seq = per_token[torch.arange(per_token.size(0), device=per_token.device), batch["last"]]
     slots = batch["slots"].clamp(min=0)
-    return seq[slots] * batch["slot_mask"].to(seq.dtype)
+    mask = batch["slot_mask"].to(seq.dtype)
+    return seq[slots] * (mask.unsqueeze(-1) if seq.dim() == 2 else mask)
+
+
+def bootstrap_weights(n: int, heads: int, generator: torch.Generator, bootstrap: bool = True) -> torch.Tensor:
+    """[n, heads] weights of each ranking for each head: Poisson(1) counts (the bootstrap
+    resample of a large dataset), all ones without bootstrap or with a single head."""
+    if heads == 1 or not bootstrap:
+        return torch.ones(n, heads)
+    return torch.poisson(torch.ones(n, heads), generator=generator)
 
 
 def _n_terms(batch: dict, loss: str) -> int:
@@ -90,30 +100,36 @@ def train_reward(
 ) -> dict:
     """Train the reward model in place on ``rankings``; returns a summary."""
     optim = cfg.optim
-    loss_fn = RANKING_LOSSES[cfg.loss]
     total = plan_steps(len(rankings), optim.batch_size, cfg.epochs, cfg.max_steps)
     engine = Engine(model.parameters(), optim, total)
     generator = torch.Generator().manual_seed(seed)
+    heads = getattr(getattr(model, "config", None), "num_labels", 1) if cfg.ensemble > 1 else 1
+    weights = bootstrap_weights(len(rankings), heads, torch.Generator().manual_seed(seed + 1), cfg.bootstrap)
     device = next(model.parameters()).device
     model.train()
     start_time, last = time.time(), {}
-    bar = progress_bar(total, "reward model")
+    bar = progress_bar(total, "reward model" if heads == 1 else f"reward model ({heads} heads)")
     steps = batch_indices(len(rankings), optim.batch_size, optim.micro_batch_size, total, generator)
     for step, micro_idx in enumerate(steps):
-        micro = [collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt) for idx in micro_idx]
-        n_global = sum(_n_terms(m, cfg.loss) for m in micro)
+        micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt)) for idx in micro_idx]
+        # Σ weight·terms per head over the whole batch: micro-batch losses add up to its mean
+        normaliser = sum((weights[idx] * ranking_loss_terms(torch.zeros(*m["slot_mask"].shape, heads), m["slot_mask"],
+                                                            cfg.loss)[1]).sum(dim=0) for idx, m in micro)
         loss_total, correct, pairs = 0.0, 0, 0
-        for m in micro:
+        for idx, m in micro:
             m = {k: v.to(device) for k, v in m.items()}
             scores = ranking_scores(model, m)
-            # each micro-batch's mean is re-weighted to its share of the global batch
-            loss = loss_fn(scores, m["slot_mask"]) * (_n_terms(m, cfg.loss) / n_global)
+            if scores.dim() == 2:
+                scores = scores.unsqueeze(-1)
+            loss = ensemble_ranking_loss(scores, m["slot_mask"], weights[idx].to(device), loss=cfg.loss,
+                                         normaliser=normaliser.to(device))
             loss.backward()
             loss_total += loss.detach().item()
             with torch.no_grad():
-                i, j = torch.triu_indices(scores.size(1), scores.size(1), offset=1)
+                mean = scores.mean(dim=-1)
+                i, j = torch.triu_indices(mean.size(1), mean.size(1), offset=1)
                 valid = m["slot_mask"][:, i] & m["slot_mask"][:, j]
-                correct += int(((scores[:, i] > scores[:, j]) & valid).sum())
+                correct += int(((mean[:, i] > mean[:, j]) & valid).sum())
                 pairs += int(valid.sum())
         info = engine.step()
         last = {"loss/rm": loss_total, "rm/train_accuracy": correct / max(pairs, 1),
@@ -124,12 +140,12 @@ def train_reward(
         bar.update(1)
     bar.close()
     return {"steps": total, "final_loss": last.get("loss/rm"), "skipped_steps": engine.skipped_steps,
-            "seconds": time.time() - start_time}
+            "heads": heads, "bootstrap": bool(heads > 1 and cfg.bootstrap), "seconds": time.time() - start_time}
 
 
 @torch.no_grad()
 def score_responses(model, encoder: Encoder, prompts: list, responses: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Reward of each (prompt, response) text pair: [N] float32."""
+    """Reward of each (prompt, response) text pair: [N] float32 ([N, H] for H heads)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -145,7 +161,7 @@ def score_responses(model, encoder: Encoder, prompts: list, responses: list[str]
             out.append(per_token[torch.arange(ids.size(0)), (mask.sum(1) - 1).to(device)].cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out).float() if out else torch.zeros(0)
 
 
 @torch.no_grad()
@@ -162,7 +178,7 @@ def score_rollout(model, rollout, chunk: int = 64, group: int = 1) -> torch.Tens
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    scores = torch.zeros(len(rollout))
+    scores = None
     try:
         for rows in group_chunks(rollout, group, chunk):  # similar lengths share a forward pass
             lengths = rollout.response_mask[rows].sum(1).to(device)
@@ -173,10 +189,12 @@ def score_rollout(model, rollout, chunk: int = 64, group: int = 1) -> torch.Tens
             else:
                 ids, att, start, _ = trimmed_batch(rollout, rows, device)
                 out = token_scalars(model, ids, att)[at, start + lengths - 1]
+            if scores is None:
+                scores = torch.zeros(len(rollout), *out.shape[1:])
             scores[rows] = out.float().cpu()
     finally:
         model.train(was_training)
-    return scores
+    return scores if scores is not None else torch.zeros(0)
 
 
 def pairwise_accuracy(scores: list[float], gold: list[float]) -> tuple[int, int]:
@@ -189,3 +207,22 @@ def pairwise_accuracy(scores: list[float], gold: list[float]) -> tuple[int, int]
             total += 1
             agree += (scores[i] - scores[j]) * (gold[i] - gold[j]) > 0
     return agree, total
+
+
+def ensemble_spread(scores: torch.Tensor) -> torch.Tensor:
+    """[B] disagreement of H reward heads on each of B responses: the std over heads of each
+    head's scores centred on the batch. A Bradley-Terry head is only defined up to an offset,
+    so the heads' raw offsets say nothing; what they disagree on is how the responses compare.
+    """
+    if scores.dim() == 1 or scores.size(-1) == 1 or scores.size(0) < 2:
+        return torch.zeros(scores.size(0))
+    return (scores - scores.mean(dim=0, keepdim=True)).std(dim=-1)
+
+
+def ensemble_reward(scores: torch.Tensor, penalty: float = 0.0) -> torch.Tensor:
+    """[B] reward from [B] or [B, H] head scores: the heads' mean minus ``penalty`` × their
+    disagreement (:func:`ensemble_spread`), an uncertainty-penalised reward (Coste et al.
+    2024; Eisenstein et al. 2023). A single head is returned as it is."""
+    if scores.dim() == 1 or scores.size(-1) == 1:
+        return scores.reshape(scores.size(0))
+    return scores.mean(dim=-1) - penalty * ensemble_spread(scores)
