@@ -292,3 +292,118 @@ def test_unknown_tracker_is_a_config_error():
 
     with pytest.raises(ConfigError, match="trackers"):
         load_config(preset="tiny", overrides=["trackers=[tensorbord]"])
+
+
+# --------------------------------------------------------------------------- the monitor on a tiny model
+
+
+def _monitor(tiny_path, tiny_tokenizer, **kw):
+    from tether.config import GenerationConfig, LoRAConfig, ModelConfig
+    from tether.data.tokenize import Encoder
+    from tether.models import load_policy
+    from tether.monitor import Monitor
+    from tether.tasks import get_task
+
+    torch.manual_seed(0)
+    lora = kw.pop("lora", False)
+    policy = load_policy(tiny_path, ModelConfig(name=tiny_path), LoRAConfig(enabled=lora))
+    task = get_task("tiny")
+    cfg = MonitorConfig(n_prompts=8, checks=2, generation=GenerationConfig(max_new_tokens=6, batch_size=8))
+    return Monitor(cfg, policy, kw.pop("reference", None), Encoder(tiny_tokenizer, 64, 32), task.heldout_prompts()[:8],
+                   total_steps=4, gold_fn=task.gold_batch, **kw), policy
+
+
+def test_check_logs_every_signal_and_leaves_training_rng_alone(tiny_path, tiny_tokenizer):
+    from tether.models import frozen_copy
+
+    calls = []
+
+    def proxy(rollout, group):
+        calls.append(group)
+        return torch.ones(len(rollout))
+
+    def held_rm(rollout, scale=2.0):  # a default argument is not a group size
+        return [scale] * len(rollout)
+
+    mon, policy = _monitor(tiny_path, tiny_tokenizer, proxy_fn=proxy, heldout_rm_fn=held_rm,
+                           ensemble_fn=lambda rollout: torch.randn(len(rollout), 3))
+    mon.reference = frozen_copy(policy)
+    policy.train()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    assert mon.check(0) is False
+    assert torch.equal(torch.rand(3), expected)  # the check sampled from a forked RNG
+    row = mon.history[0]
+    assert calls == [1] and row["monitor/proxy"] == 1.0 and row["monitor/heldout_rm"] == 2.0
+    assert row["monitor/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    assert row["monitor/heldout"] == row["monitor/gold"] and len(row["per_prompt"]) == 8
+    for key in ("entropy", "length", "distinct1", "distinct2", "repeat_rate", "ensemble_std"):
+        assert math.isfinite(row[f"monitor/{key}"]), key
+    assert mon.best_step == 0 and mon.best_state and policy.training  # train mode restored
+    assert [mon.due(s) for s in range(5)] == [True, False, True, False, True]
+
+
+def test_no_reference_and_no_adapters_means_no_kl(tiny_path, tiny_tokenizer):
+    mon, _ = _monitor(tiny_path, tiny_tokenizer)
+    mon.check(0)
+    assert "monitor/kl" not in mon.history[0] and "monitor/proxy" not in mon.history[0]
+    lora_mon, _ = _monitor(tiny_path, tiny_tokenizer, lora=True, implicit_beta=0.1)
+    lora_mon.check(0)  # LoRA: the reference is the policy with its adapters off
+    assert lora_mon.history[0]["monitor/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert lora_mon.history[0]["monitor/proxy"] == pytest.approx(0.0, abs=1e-5)  # DPO's implicit reward
+
+
+def test_best_weights_are_kept_and_restored(tiny_path, tiny_tokenizer):
+    scores = iter([0.5, 0.9, 0.2])
+    mon, policy = _monitor(tiny_path, tiny_tokenizer)
+    mon.gold_fn = lambda prompts, texts, it=scores: [next(it)] * len(texts)
+    first = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    mon.check(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    mon.check(2)  # the best: 0.9
+    best = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    mon.check(4)
+    assert mon.best_step == 2 and mon.summary()["best_heldout"] == pytest.approx(0.9)
+    assert mon.summary()["last_heldout"] == pytest.approx(0.2)
+    mon.restore_best()
+    assert all(torch.equal(p, best[n]) for n, p in policy.named_parameters())
+    assert not all(torch.equal(p, first[n]) for n, p in policy.named_parameters())
+
+
+def test_ensemble_reward_model_gives_a_value_model_the_mean_of_its_heads(tiny_path, tmp_path):
+    from tether.config import ModelConfig
+    from tether.models import load_scalar_model, scalar_heads
+
+    cfg = ModelConfig(name=tiny_path)
+    rm = load_scalar_model(tiny_path, cfg, num_labels=3)
+    rm.save_pretrained(tmp_path / "rm")
+    assert scalar_heads(str(tmp_path / "rm")) == 3 and scalar_heads(tiny_path) == 1
+    again = load_scalar_model(str(tmp_path / "rm"), cfg, num_labels=None)
+    assert again.config.num_labels == 3 and torch.equal(again.score.weight, rm.score.weight)
+    value = load_scalar_model(str(tmp_path / "rm"), cfg)  # num_labels=1
+    assert value.score.weight.shape[0] == 1
+    assert torch.allclose(value.score.weight, rm.score.weight.mean(dim=0, keepdim=True))
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped(tmp_path):
+    from tether.engine import _Sink
+
+    log = MetricsLogger(tmp_path / "m.jsonl")
+
+    def broken(step, numbers):
+        raise ConnectionError("server went away")
+
+    log._sinks.append(_Sink(broken))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log.log(0, {"x": 1.0})
+        log.log(1, {"x": 2.0})
+    assert sum("server went away" in str(w.message) for w in caught) == 1 and not log._sinks
+    log.close()
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2

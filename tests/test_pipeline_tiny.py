@@ -189,18 +189,19 @@ def test_without_kl_the_monitor_catches_reward_hacking(tiny_hacked):
 
 
 def test_the_kept_best_checkpoint_beats_the_last_on_heldout_gold(tiny_hacked):
-    """Selected on the validation prompts, judged on the held-out ones."""
-    from tether.evaluate import evaluate_policy
+    """Selected on the validation prompts, judged on the held-out ones: the eval stage
+    evaluates the kept best checkpoint beside the last one (ppo_best)."""
     from tether.pipeline import Pipeline
 
     hack, cfg, summary = tiny_hacked
     pipe = Pipeline(cfg)
     assert not set(pipe.validation_prompts()) & set(pipe.task.heldout_prompts())
-    best = evaluate_policy(pipe.frozen_policy(str(hack / "ppo" / "best")), pipe.encoder(), pipe.task,
-                           pipe.task.heldout_prompts(), cfg.eval, seed=pipe._seed(6))
-    last = summary["eval"]["ppo"]
+    assert not set(pipe.validation_prompts()) & set(pipe.rl_prompts())
+    best, last = summary["eval"]["ppo_best"], summary["eval"]["ppo"]
     combined = math.sqrt(best["gold_stderr"] ** 2 + last["gold_stderr"] ** 2)
     assert best["gold_mean"] - last["gold_mean"] > 2 * combined, (best["gold_mean"], last["gold_mean"])
+    assert best["reference"] == "sft" and best["kl_to_ref"] < last["kl_to_ref"]
+    assert json.loads((hack / "eval" / "stage.json").read_text())["policies"] == ["ppo", "ppo_best"]
 
 
 def test_early_stop_ends_the_stage_at_the_alarm(tiny_hacked, tmp_path):

@@ -373,6 +373,8 @@ class EvalConfig:
                             "the run's policy.")
     kl: list = _f(["sft", "ppo", "dpo", "grpo", "rloo"], "Policies whose KL to their reference is measured (sft "
                   "vs base, the others vs sft); each costs two forward passes over its samples.")
+    other_checkpoints: bool = _f(True, "Also evaluate a policy stage's other kept checkpoint (the monitor's best/, "
+                                       "or last/ under monitor.select: best) as <policy>_best / <policy>_last.")
     generation: GenerationConfig = _sub(GenerationConfig, "Sampling for evaluation.")
 
     def __post_init__(self) -> None:

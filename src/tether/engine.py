@@ -72,11 +72,12 @@ class MetricsLogger:
         for name in trackers:
             try:
                 self._sinks.append(_open_tracker(name, tensorboard_dir, run_name, project))
+            except ValueError:
+                raise
             except ImportError as exc:
-                import warnings
-
-                warnings.warn(f"tracker '{name}' asked for but not installed ({exc}); metrics go to "
-                              f"{self.path} only", stacklevel=2)
+                _warn(f"tracker '{name}' asked for but not installed ({exc}); metrics go to {self.path} only")
+            except Exception as exc:  # not logged in, server unreachable...: the run goes on
+                _warn(f"tracker '{name}' could not start ({type(exc).__name__}: {exc}); metrics go to {self.path} only")
 
     def log(self, step: int, metrics: dict) -> dict:
         row = {"step": int(step), "time": round(time.time(), 3)}
@@ -92,8 +93,13 @@ class MetricsLogger:
             self._fh.flush()
         numbers = {k: float(v) for k, v in row.items()
                    if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for sink in self._sinks:
-            sink(int(step), numbers)
+        for sink in list(self._sinks):
+            try:
+                sink(int(step), numbers)
+            except Exception as exc:  # a tracker failing mid-run loses its own metrics, not the run
+                _warn(f"a metrics tracker failed ({type(exc).__name__}: {exc}) and is dropped; "
+                      f"metrics still go to {self.path}")
+                self._sinks.remove(sink)
         return row
 
     def close(self) -> None:
@@ -105,6 +111,12 @@ class MetricsLogger:
             if close is not None:
                 close()
         self._sinks = []
+
+
+def _warn(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, stacklevel=3)
 
 
 class _Sink:

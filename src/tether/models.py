@@ -102,16 +102,28 @@ def load_scalar_model(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    stored = scalar_heads(name)
     if num_labels is None:
-        num_labels = scalar_heads(name)
+        num_labels = stored
+    collapse = num_labels == 1 and stored > 1  # one output from an ensemble: the mean of its heads
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights newly initialised" is expected here
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(name), num_labels=num_labels, dtype=_DTYPES[model_cfg.dtype], ignore_mismatched_sizes=True
+            resolve_model(name), num_labels=stored if collapse else num_labels, dtype=_DTYPES[model_cfg.dtype],
+            ignore_mismatched_sizes=True,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    if collapse:
+        head = model.score
+        mean = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype)
+        with torch.no_grad():
+            mean.weight.copy_(head.weight.mean(dim=0, keepdim=True))
+            if head.bias is not None:
+                mean.bias.copy_(head.bias.mean().reshape(1))
+        model.score = mean
+        model.config.num_labels = model.num_labels = 1
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if lora is not None and lora.enabled:

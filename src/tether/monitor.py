@@ -207,6 +207,7 @@ def detect_overoptimisation(history: list[dict], cfg: MonitorConfig) -> list[Ala
 # --------------------------------------------------------------------------- the monitor
 
 ScoreFn = Callable[..., object]  # (rollout, group) -> [B] scores (tensor or list)
+FORWARD_BATCH = 16  # rows per forward pass of a check (each returns its full [rows, T, vocab] logits)
 
 
 @dataclass
@@ -219,7 +220,8 @@ class Monitor:
         reference: the frozen reference, or None (the policy with adapters disabled).
         prompts: validation prompts (fixed for the whole stage).
         proxy_fn: the optimised reward ``(rollout, group) -> [B]``; None with
-            ``implicit_beta`` set: DPO's implicit reward β·Σ(log π − log π_ref).
+            ``implicit_beta`` set: DPO's implicit reward β·Σ(log π − log π_ref) (``implicit``
+            "kl"), or SimPO/ORPO's β·mean log π ("avg_logp").
         gold_fn, judge_fn, heldout_rm_fn: ``(prompts, texts) -> [B]`` / ``(rollout) -> [B]``.
         ensemble_fn: ``(rollout) -> [B, N]`` scores of an ensemble's members.
         total_steps: the stage's planned steps (to spread ``cfg.checks`` over them).
@@ -237,6 +239,7 @@ class Monitor:
     heldout_rm_fn: ScoreFn | None = None
     ensemble_fn: Callable | None = None
     implicit_beta: float | None = None
+    implicit: str = "kl"  # DPO's implicit reward: β·Σ(log π − log π_ref) ("kl") or β·mean log π ("avg_logp": SimPO/ORPO)
     logger: object = None
     seed: int = 0
     name: str = "policy"
@@ -270,33 +273,57 @@ class Monitor:
             return self.sampler.model
         return self.policy
 
+    @property
+    def has_reference(self) -> bool:
+        """A reference to measure KL against: given, or the policy's adapters switched off."""
+        return self.reference is not None or hasattr(self.policy, "disable_adapter")
+
     @torch.no_grad()
-    def _kl_entropy(self, rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample Σ_t(log π − log π_ref) [B] and mean per-token entropy [B]."""
+    def _kl_entropy(self, rollout) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Per-sample Σ_t(log π − log π_ref) [B] (None without a reference), mean per-token
+        entropy [B] and mean per-token log-prob [B], in forward batches of ``FORWARD_BATCH``
+        rows (each returns its full logits)."""
         from tether.models import reference_context, sequence_logprobs
         from tether.ops import entropy_from_logits
         from tether.rollout import trimmed_batch
 
         policy = self.policy
         device = next(policy.parameters()).device
-        kl, ent = torch.zeros(len(rollout)), torch.zeros(len(rollout))
+        kl = torch.zeros(len(rollout)) if self.has_reference else None
+        ent, avg_lp = torch.zeros(len(rollout)), torch.zeros(len(rollout))
         order = torch.argsort(rollout.attention_mask.sum(dim=1), stable=True)
-        bs = self.cfg.generation.batch_size
+        bs = FORWARD_BATCH
         for b in range(0, len(rollout), bs):
             rows = order[b : b + bs]
             ids, att, start, width = trimmed_batch(rollout, rows, device)
             m = rollout.response_mask[rows][:, :width].to(device).float()
+            n_tok = m.sum(dim=1).clamp(min=1)
             lp, logits = sequence_logprobs(policy, ids, att, start, return_logits=True)
             e = entropy_from_logits(logits).float()
             del logits
-            with reference_context(policy, self.reference) as ref:
-                rp = sequence_logprobs(ref, ids, att, start)
-            kl[rows] = ((lp - rp).float() * m).sum(dim=1).cpu()
-            ent[rows] = ((e * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).cpu()
-        return kl, ent
+            ent[rows] = ((e * m).sum(dim=1) / n_tok).cpu()
+            avg_lp[rows] = ((lp.float() * m).sum(dim=1) / n_tok).cpu()
+            if kl is not None:
+                with reference_context(policy, self.reference) as ref:
+                    rp = sequence_logprobs(ref, ids, att, start)
+                kl[rows] = ((lp - rp).float() * m).sum(dim=1).cpu()
+        return kl, ent, avg_lp
 
     def check(self, steps_done: int) -> bool:
-        """Run one check after ``steps_done`` steps; returns True when training should stop."""
+        """Run one check after ``steps_done`` steps; returns True when training should stop.
+
+        The check draws its samples from a forked RNG, so training's random stream is the
+        same with or without the monitor."""
+        import random
+
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return self._check(steps_done)
+            finally:
+                random.setstate(py_state)
+
+    def _check(self, steps_done: int) -> bool:
         from tether.rollout import generate
 
         cfg = self.cfg
@@ -304,7 +331,7 @@ class Monitor:
         self.policy.eval()
         try:
             rollout = generate(self._sample_model(), self.encoder, self.prompts, cfg.generation, seed=self.seed)
-            kl, ent = self._kl_entropy(rollout)
+            kl, ent, avg_lp = self._kl_entropy(rollout)
         finally:
             self.policy.train(was_training)
         row: dict = {"step": steps_done}
@@ -315,8 +342,10 @@ class Monitor:
 
         if self.proxy_fn is not None:
             row["monitor/proxy"] = mean(_as_list(_call(self.proxy_fn, rollout)))
-        elif self.implicit_beta is not None:
+        elif self.implicit_beta is not None and self.implicit == "kl" and kl is not None:
             row["monitor/proxy"] = self.implicit_beta * mean(kl.tolist())
+        elif self.implicit_beta is not None and self.implicit == "avg_logp":
+            row["monitor/proxy"] = self.implicit_beta * mean(avg_lp.tolist())
         per_prompt = None
         if self.gold_fn is not None:
             gold = list(self.gold_fn(rollout.prompts, rollout.texts))
@@ -336,7 +365,8 @@ class Monitor:
             members = torch.as_tensor(self.ensemble_fn(rollout), dtype=torch.float32)
             if members.dim() == 2 and members.size(1) > 1:
                 row["monitor/ensemble_std"] = float(ensemble_spread(members).mean())
-        row["monitor/kl"] = mean(kl.tolist())
+        if kl is not None:
+            row["monitor/kl"] = mean(kl.tolist())
         row["monitor/entropy"] = mean(ent.tolist())
         row["monitor/length"] = float(rollout.lengths.float().mean())
         row["monitor/ended"] = float(rollout.ended.float().mean())
@@ -372,7 +402,8 @@ class Monitor:
         return stop
 
     def best_row(self) -> dict | None:
-        rows = [r for r in self.history if r.get("monitor/heldout") is not None]
+        rows = [r for r in self.history if isinstance(r.get("monitor/heldout"), (int, float))
+                and math.isfinite(r["monitor/heldout"])]
         if not rows:
             return None
         top = max(r["monitor/heldout"] for r in rows)
@@ -380,11 +411,14 @@ class Monitor:
 
     def restore_best(self) -> None:
         """Load the best check's weights into the policy."""
-        if self.best_state is None:
-            return
+        if self.best_state is not None:
+            self.load_weights(self.best_state)
+
+    def load_weights(self, state: dict) -> None:
+        """Copy ``{name: tensor}`` (trainable parameters) into the policy."""
         params = dict(self.policy.named_parameters())
         with torch.no_grad():
-            for n, v in self.best_state.items():
+            for n, v in state.items():
                 params[n].copy_(v)
 
     def summary(self) -> dict:
@@ -407,10 +441,14 @@ class Monitor:
 
 
 def _call(fn, rollout):
+    """``fn(rollout, 1)`` when ``fn`` needs a second positional argument (the group size),
+    else ``fn(rollout)``; parameters with defaults (closures' bound values) do not count."""
     import inspect
 
     try:
-        n = len(inspect.signature(fn).parameters)
+        params = inspect.signature(fn).parameters.values()
+        n = sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                for p in params)
     except (TypeError, ValueError):
         n = 1
     return fn(rollout, 1) if n >= 2 else fn(rollout)

@@ -68,8 +68,25 @@ class Pipeline:
         if not (self.stage_dir(stage) / "stage.json").is_file():
             return False
         if stage == "eval" and self.cfg.eval_policies():  # a policy not evaluated yet: not done
-            return set(self.cfg.eval_policies()) <= set(self.result("eval").get("policies", []))
+            return set(self.eval_names()) <= set(self.result("eval").get("policies", []))
         return True
+
+    def other_checkpoints(self) -> dict[str, str]:
+        """``{"<policy>_best" or "<policy>_last": folder}`` for every finished policy stage that
+        kept a second checkpoint (``eval.other_checkpoints``)."""
+        out = {}
+        if self.cfg.eval.other_checkpoints:
+            for p in POLICIES:
+                for alt in ("best", "last"):
+                    if self.is_done(p) and (self.stage_dir(p) / alt / "config.json").is_file():
+                        out[f"{p}_{alt}"] = str(self.stage_dir(p) / alt)
+        return out
+
+    def eval_names(self) -> list[str]:
+        """What the eval stage evaluates: ``eval.policies`` (or base, sft and the policy) and
+        those policies' other kept checkpoints."""
+        wanted = list(self.cfg.eval_policies())
+        return wanted + [n for n in self.other_checkpoints() if n.split("_")[0] in wanted]
 
     def result(self, stage: str) -> dict:
         path = self.stage_dir(stage) / "stage.json"
@@ -113,28 +130,41 @@ class Pipeline:
                              run_name=f"{self.dir.name}/{folder.name}")
 
     def validation_prompts(self) -> list:
-        """The monitor's prompts: the last ``monitor.n_prompts`` training prompts, which the
-        policy stages never train on (the final evaluation uses the held-out prompts)."""
-        if not self.cfg.monitor.enabled:
-            return []
+        """The monitor's prompts: the last ``monitor.n_prompts`` of the task's training prompts
+        (at most a quarter). No stage trains on them — not SFT's demonstrations, not the
+        preference data, not the policy stages — and the final evaluation uses the held-out
+        prompts. They are held back whether the monitor is on or not, so switching it off
+        changes nothing else."""
         train = self.task.train_prompts()
         n = min(self.cfg.monitor.n_prompts, len(train) // 4)
         return train[len(train) - n :]
 
-    def rl_prompts(self) -> list:
-        """Training prompts of the policy stages (the validation prompts held back)."""
+    def train_prompts(self) -> list:
+        """The prompts every stage trains on: the task's, less the validation prompts."""
         train = self.task.train_prompts()
         return train[: len(train) - len(self.validation_prompts())]
 
+    rl_prompts = train_prompts
+
     def make_monitor(self, name: str, policy, reference, total_steps: int, logger, *, proxy_fn=None,
-                     implicit_beta: float | None = None):
+                     implicit_beta: float | None = None, implicit: str = "kl"):
         """The monitor of a policy stage (None when ``monitor.enabled`` is off)."""
         if not self.cfg.monitor.enabled:
             return None
         from tether.monitor import Monitor
+        from tether.rewards import parse_reward_spec
+        from tether.tasks.base import Task
 
         m = self.cfg.monitor
         judge_fn = self.score_spec(m.judge, m.generation.batch_size) if m.judge else None
+        # gold is a held-out signal only when the policy does not optimise it
+        optimised = {n for _, n in parse_reward_spec(self.cfg.reward)} if name != "dpo" else set()
+        has_gold = type(self.task).gold is not Task.gold
+        gold_fn = self.task.gold_batch if has_gold and "gold" not in optimised else None
+        if gold_fn is None and judge_fn is None and not m.heldout_rm:
+            _say(f"[yellow]warning: {name}: the monitor has no held-out signal (gold is "
+                 f"{'optimised' if has_gold else 'not defined by this task'}; set monitor.judge or "
+                 f"monitor.heldout_rm), so it can only watch for drift[/yellow]")
         heldout_rm_fn = None
         if m.heldout_rm:
             from tether.algorithms.reward import ensemble_reward, score_rollout
@@ -142,14 +172,15 @@ class Pipeline:
 
             held = load_scalar_model(m.heldout_rm, self.cfg.model, pad_token_id=self.encoder().pad_id, num_labels=None)
             held.requires_grad_(False)
-            heldout_rm_fn = lambda rollout, held=held: ensemble_reward(score_rollout(held, rollout, m.generation.batch_size))  # noqa: E731
+            def heldout_rm_fn(rollout):
+                return ensemble_reward(score_rollout(held, rollout, m.generation.batch_size))
         ensemble_fn = None
         if self._rm is not None and getattr(self._rm.config, "num_labels", 1) > 1:
             ensemble_fn = lambda rollout: self.rm_heads(rollout, m.generation.batch_size)  # noqa: E731
         return Monitor(m, policy, reference, self.encoder(), self.validation_prompts(), total_steps,
-                       proxy_fn=proxy_fn, gold_fn=self.task.gold_batch if hasattr(self.task, "gold") else None,
-                       judge_fn=judge_fn, heldout_rm_fn=heldout_rm_fn, ensemble_fn=ensemble_fn,
-                       implicit_beta=implicit_beta, logger=logger, seed=self._seed(50), name=name)
+                       proxy_fn=proxy_fn, gold_fn=gold_fn, judge_fn=judge_fn, heldout_rm_fn=heldout_rm_fn,
+                       ensemble_fn=ensemble_fn, implicit_beta=implicit_beta, implicit=implicit, logger=logger,
+                       seed=self.cfg.seed * 1000 + 50, name=name)
 
     def save_policy(self, folder: Path, policy, monitor) -> dict:
         """Save the stage's policy as ``checkpoint/`` and, when the monitor's best check is not
@@ -163,17 +194,19 @@ class Pipeline:
             return {}
         summary = monitor.summary()
         differs = monitor.best_state is not None and summary["best_step"] != summary["last_step"]
-        if differs and self.cfg.monitor.select == "best":
+        if differs and self.cfg.monitor.select == "best":  # in memory afterwards: the best weights
             save_checkpoint(policy, tok, folder / "last")
             monitor.restore_best()
             save_checkpoint(policy, tok, folder / "checkpoint")
             summary.update(checkpoint="best", other_checkpoint=str(folder / "last"))
-        else:
+        else:  # in memory afterwards: the last weights
             save_checkpoint(policy, tok, folder / "checkpoint")
             summary["checkpoint"] = "last"
             if differs:
+                last = {n: p.detach().to("cpu", copy=True) for n, p in policy.named_parameters() if p.requires_grad}
                 monitor.restore_best()
                 save_checkpoint(policy, tok, folder / "best")
+                monitor.load_weights(last)
                 summary["other_checkpoint"] = str(folder / "best")
         write_json(folder / "monitor.json", {**summary, "history": [
             {k: v for k, v in r.items() if k != "per_prompt"} for r in monitor.history]})
@@ -207,6 +240,7 @@ class Pipeline:
             folder = self.stage_dir(stage)
             if folder.exists() and stage != "eval":  # eval keeps the evaluations it can reuse
                 shutil.rmtree(folder)  # a stage cut off earlier starts again from scratch
+            shutil.rmtree(self.dir / "tensorboard" / stage, ignore_errors=True)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "stage.json").unlink(missing_ok=True)
             (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
@@ -223,7 +257,12 @@ class Pipeline:
         if self.cfg.report:
             from tether.report import build_report
 
-            summary["report"] = str(build_report(self.dir))
+            try:
+                summary["report"] = str(build_report(self.dir))
+            except Exception as exc:  # the run's results stand without their report
+                log.warning("could not write the report: %s", exc)
+                _say(f"[yellow]warning: could not write {self.dir / 'report.html'}: {exc}; "
+                     f"`tether report {self.dir}` retries[/yellow]")
         return summary
 
     # ------------------------------------------------------------------ stages
@@ -238,19 +277,22 @@ class Pipeline:
             source = (f"best-of-{cfg.sft.best_of_n} samples of {cfg.model.name}, kept when task:{self.task.name} accepts "
                       f"them{' or after its repair' if cfg.sft.repair and hasattr(self.task, 'repair') else ''}")
         else:
-            demos = self.task.demonstrations(cfg.task.n_demos, seed=self._seed(1))
+            held = set(self.validation_prompts())
+            demos = [d for d in self.task.demonstrations(cfg.task.n_demos, seed=self._seed(1)) if d["prompt"] not in held]
             source = f"task:{self.task.name}"
         if not demos:
             raise RuntimeError(f"no SFT demonstrations: none of the base model's samples was accepted by "
                                f"task '{self.task.name}'; raise sft.best_of_n or task.n_demos")
         write_jsonl(folder / "demos.jsonl", demos)
-        write_jsonl(folder / "prompts_train.jsonl", [{"prompt": p} for p in self.task.train_prompts()])
+        write_jsonl(folder / "prompts_train.jsonl", [{"prompt": p} for p in self.train_prompts()])
+        write_jsonl(folder / "prompts_validation.jsonl", [{"prompt": p} for p in self.validation_prompts()])
         write_jsonl(folder / "prompts_heldout.jsonl", [{"prompt": p} for p in self.task.heldout_prompts()])
         return {
             **extra,
             "demos": len(demos),
             "demos_source": source,
-            "train_prompts": len(self.task.train_prompts()),
+            "train_prompts": len(self.train_prompts()),
+            "validation_prompts": len(self.validation_prompts()),
             "heldout_prompts": len(self.task.heldout_prompts()),
         }
 
@@ -265,7 +307,7 @@ class Pipeline:
         cfg = self.cfg
         n = cfg.sft.best_of_n
         seed = self._seed(1)
-        train = self.task.train_prompts()
+        train = self.train_prompts()
         prompts = random.Random(seed).sample(train, min(cfg.task.n_demos, len(train)))
         policy = self.frozen_policy(cfg.model.name)
         rollout = self.generate(policy, [q for q in prompts for _ in range(n)], cfg.sft.generation, seed,
@@ -343,7 +385,7 @@ class Pipeline:
         rng = random.Random(seed)
         encoder = self.encoder()
         policy = self.frozen_policy(self.checkpoint("sft"))
-        train = self.task.train_prompts()
+        train = self.train_prompts()
         prompts = [train[i % len(train)] for i in rng.sample(range(max(len(train), p.n_prompts)), p.n_prompts)]
         heldout = self.task.heldout_prompts()[: p.heldout_prompts]
 
@@ -572,11 +614,13 @@ class Pipeline:
         from tether.engine import plan_steps
 
         total = plan_steps(len(rankings), d.optim.batch_size, d.epochs, d.max_steps)
-        monitor = self.make_monitor("dpo", policy, reference, total, logger,
-                                    implicit_beta=None if d.loss in REFERENCE_FREE else d.beta)
+        monitor = self.make_monitor("dpo", policy, reference, total, logger, implicit_beta=d.beta,
+                                    implicit="avg_logp" if d.loss in REFERENCE_FREE else "kl")
         result = train_dpo(policy, reference, encoder, rankings, d, seed=seed, ref_logps=ref_logps, logger=logger,
                            monitor=monitor)
         result["reference_cache_hit"] = cache_hit
+        # the checkpoint's weights (monitor.select: last or best) stay in memory for what follows
+        result["monitor"] = self.save_policy(folder, policy, monitor)
         # held-out: does the implicit reward β·(log π − log π_ref) order the held-out
         # responses as gold does? (for SimPO/ORPO: the length-normalised log-prob)
         groups = [rec for _, rec in read_jsonl(self.stage_dir("prefs") / "heldout.jsonl")]
@@ -604,7 +648,6 @@ class Pipeline:
             result.update(self._kl_estimate(policy, reference, d.kl_prompts, d.generation, seed))
             logger.log(result["steps"], {"kl/heldout": result["kl_heldout"]})
         logger.close()
-        result["monitor"] = self.save_policy(folder, policy, monitor)
         return result
 
     def _kl_estimate(self, policy, reference, n: int, gen, seed: int) -> dict:
@@ -652,6 +695,10 @@ class Pipeline:
         prompts = self.task.heldout_prompts()
         paths = {"base": cfg.model.name}
         refs = {"sft": "base", **{p: "sft" for p in POLICIES}}
+        stage_of = {p: p for p in ("sft", *POLICIES)}  # the stage whose output a name is
+        # a policy stage's other checkpoint (the monitor's best/, or last/ under select: best)
+        for name, path in self.other_checkpoints().items():
+            paths[name], refs[name], stage_of[name] = path, "sft", name.split("_")[0]
         results = {}
 
         def key(name: str) -> dict:
@@ -662,21 +709,22 @@ class Pipeline:
                 path = str(Path(path).resolve().relative_to(self.dir.resolve()))
             except ValueError:
                 pass
-            settings = {k: v for k, v in config_to_dict(cfg.eval).items() if k != "policies"}
+            settings = {k: v for k, v in config_to_dict(cfg.eval).items() if k not in ("policies", "other_checkpoints")}
             return json.loads(json.dumps({"model": path, "mtime": weights.stat().st_mtime_ns if weights.is_file() else None,
                                           "eval": settings, "seed": cfg.seed, "task": config_to_dict(cfg.task)}))
 
         def reusable(name: str) -> dict | None:
             """An earlier evaluation of ``name`` whose checkpoint and settings are unchanged."""
             file = folder / f"{name}.json"
-            if not file.is_file() or not (name == "base" or self.is_done(name)):
+            if not file.is_file() or not (name == "base" or self.is_done(stage_of.get(name, name))):
                 return None
             res = json.loads(file.read_text())
             return res if res.get("key") == key(name) else None
 
-        wanted = list(cfg.eval_policies())
-        for name in ("base", "sft", *POLICIES):  # earlier policies stay listed beside the new ones
-            if name not in wanted and (res := reusable(name)) is not None:
+        wanted = self.eval_names()
+        order = ["base", "sft", *[n for p in POLICIES for n in (p, f"{p}_best", f"{p}_last")]]
+        for name in order:  # earlier policies stay listed beside the new ones
+            if name not in wanted and (name in paths or name in stage_of) and (res := reusable(name)) is not None:
                 results[name] = res
         for name in wanted:
             if (res := reusable(name)) is not None:
@@ -687,7 +735,7 @@ class Pipeline:
             policy = self.frozen_policy(path)
             ref_name = refs.get(name)
             reference = None
-            if ref_name is not None and name in cfg.eval.kl:
+            if ref_name is not None and stage_of.get(name, name) in cfg.eval.kl:
                 reference = self.frozen_policy(paths.get(ref_name) or self.checkpoint(ref_name))
             _say(f"  evaluating {name} on {min(len(prompts), cfg.eval.n_prompts)} held-out prompts")
             from tether.engine import progress_bar
@@ -701,7 +749,7 @@ class Pipeline:
             res["key"] = key(name)
             results[name] = res
             write_json(folder / f"{name}.json", res)
-        return {"policies": [n for n in ("base", "sft", *POLICIES) if n in results]}
+        return {"policies": [n for n in order if n in results]}
 
     # ------------------------------------------------------------------ summary
     def write_summary(self) -> dict:

@@ -57,7 +57,7 @@ def load_run(run_dir: str | Path) -> dict:
             "monitor": [r for r in rows if any(k.startswith("monitor/") for k in r)],
             "verdict": mon,
         }
-    order = {n: i for i, n in enumerate(("base", "sft", *POLICIES))}
+    order = {n: i for i, n in enumerate(("base", "sft", *[x for p in POLICIES for x in (p, f"{p}_best", f"{p}_last")]))}
     files = sorted((d / "eval").glob("*.json"), key=lambda f: (order.get(f.stem, len(order)), f.stem)) \
         if (d / "eval").is_dir() else []
     for f in files:
@@ -303,7 +303,7 @@ def _samples(run: dict) -> str:
     ev = {n: r for n, r in run["eval"].items() if r.get("samples")}
     if not ev:
         return "<p>No samples.</p>"
-    names = [n for n in ("base", "sft", *POLICIES) if n in ev]
+    names = list(ev)  # base, sft, then each policy (and its other kept checkpoint)
     by_prompt: dict[str, dict] = {}
     for n in names:
         for smp in ev[n]["samples"]:

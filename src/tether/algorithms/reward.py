@@ -83,11 +83,6 @@ def bootstrap_weights(n: int, heads: int, generator: torch.Generator, bootstrap:
     return torch.poisson(torch.ones(n, heads), generator=generator)
 
 
-def _n_terms(batch: dict, loss: str) -> int:
-    k = batch["slot_mask"].sum(dim=1)
-    return int((k * (k - 1) // 2).sum()) if loss == "bradley_terry" else int(k.numel())
-
-
 def train_reward(
     model,
     encoder: Encoder,
