@@ -226,3 +226,20 @@ def test_early_stop_ends_the_stage_at_the_alarm(tiny_hacked, tmp_path):
     # select: best -> the checkpoint is the best check's weights, the last ones beside it
     assert m["checkpoint"] == "best" and (tmp_path / "ppo" / "last" / "config.json").is_file()
     assert not (tmp_path / "report.html").exists()
+
+
+def test_eval_is_stale_once_its_policy_stage_finished_again(tiny_run):
+    from tether.config import load_config
+    from tether.pipeline import Pipeline
+
+    out, _ = tiny_run
+    pipe = Pipeline(load_config(preset="tiny", overrides=[f"out={out}"]))
+    assert pipe.is_done("eval")
+    stage = out / "ppo" / "stage.json"
+    before = stage.stat()
+    try:
+        os.utime(stage, (before.st_atime, (out / "eval" / "stage.json").stat().st_mtime + 10))
+        assert not pipe.is_done("eval")  # ppo ran again after the evaluation
+    finally:
+        os.utime(stage, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert pipe.is_done("eval")

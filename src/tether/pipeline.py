@@ -67,8 +67,15 @@ class Pipeline:
     def is_done(self, stage: str) -> bool:
         if not (self.stage_dir(stage) / "stage.json").is_file():
             return False
-        if stage == "eval" and self.cfg.eval_policies():  # a policy not evaluated yet: not done
-            return set(self.eval_names()) <= set(self.result("eval").get("policies", []))
+        if stage == "eval" and self.cfg.eval_policies():
+            listed = self.result("eval").get("policies", [])
+            if not set(self.eval_names()) <= set(listed):  # a policy not evaluated yet
+                return False
+            # a policy stage that finished after the evaluation (run again) makes it stale
+            done_at = (self.stage_dir("eval") / "stage.json").stat().st_mtime
+            return all((self.stage_dir("eval") / f"{n}.json").is_file() for n in listed) and not any(
+                (self.stage_dir(p) / "stage.json").is_file() and (self.stage_dir(p) / "stage.json").stat().st_mtime > done_at
+                for p in ("sft", *POLICIES) if p in self.eval_names())
         return True
 
     def other_checkpoints(self) -> dict[str, str]:
@@ -194,6 +201,9 @@ class Pipeline:
             return {}
         summary = monitor.summary()
         differs = monitor.best_state is not None and summary["best_step"] != summary["last_step"]
+        if differs and summary["best_step"] == 0 and self.cfg.monitor.select == "last":
+            differs = False  # the best check is the starting policy, which is saved already (the reference)
+            summary["other_checkpoint"] = "the starting policy (best at step 0)"
         if differs and self.cfg.monitor.select == "best":  # in memory afterwards: the best weights
             save_checkpoint(policy, tok, folder / "last")
             monitor.restore_best()
@@ -793,7 +803,10 @@ class Pipeline:
         if self.is_done("eval"):
             summary["eval"] = {}
             for name in self.result("eval").get("policies", []):
-                res = json.loads((self.stage_dir("eval") / f"{name}.json").read_text())
+                file = self.stage_dir("eval") / f"{name}.json"
+                if not file.is_file():  # removed by hand: the next run evaluates it again
+                    continue
+                res = json.loads(file.read_text())
                 summary["eval"][name] = {k: v for k, v in res.items() if k not in ("samples", "gold_per_prompt", "key")}
         write_json(self.dir / "summary.json", summary)
         return summary

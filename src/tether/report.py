@@ -188,7 +188,7 @@ def _plots(run: dict) -> list[tuple[str, str, str]]:
             c = COLORS.get(name, "k")
             axes[0].plot(*_series(p["train"], "kl/ref"), "-", color=c, label=name)
             if _series(p["train"], "kl/coef")[0]:
-                axes[1].plot(*_series(p["train"], "kl/coef"), "-", color=c, label=f"{name} β (adaptive)")
+                axes[1].plot(*_series(p["train"], "kl/coef"), "-", color=c, label=f"{name} β")
         axes[0].set_title("KL to reference on training rollouts")
         axes[1].set_title("KL coefficient β")
         for ax in axes:
