@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tether.config import EvalConfig, GenerationConfig, LoRAConfig, ModelConfig
+from tether.config import EvalConfig, GenerationConfig, ModelConfig
 from tether.data.tokenize import Encoder
 from tether.evaluate import evaluate_policy
 from tether.models import load_policy, sequence_logprobs

@@ -160,7 +160,7 @@ def test_detector_one_alarm_per_kind_in_step_order():
 
 
 def _naive_ensemble_loss(scores, mask, weights, loss):
-    B, K, H = len(scores), len(scores[0]), len(scores[0][0])
+    B, H = len(scores), len(scores[0][0])
     per_head = []
     for h in range(H):
         num = den = 0.0

@@ -312,7 +312,6 @@ class Pipeline:
         the demonstration. A sample cut off by ``max_new_tokens`` is considered up to its
         last complete sentence (a demonstration always ends where the model should stop).
         Prompts with no accepted sample give none."""
-        from tether.models import load_policy
 
         cfg = self.cfg
         n = cfg.sft.best_of_n
@@ -380,7 +379,7 @@ class Pipeline:
         return result
 
     def stage_prefs(self, folder: Path) -> dict:
-        cfg, p = self.cfg, self.cfg.prefs
+        p = self.cfg.prefs
         if p.path:
             return self._prefs_from_file(folder, p.path)
         from tether.feedback.simulated import (
@@ -389,11 +388,9 @@ class Pipeline:
             percent_agreement_pairs,
         )
         from tether.algorithms.reward import pairwise_accuracy
-        from tether.models import load_policy
 
         seed = self._seed(3)
         rng = random.Random(seed)
-        encoder = self.encoder()
         policy = self.frozen_policy(self.checkpoint("sft"))
         train = self.train_prompts()
         prompts = [train[i % len(train)] for i in rng.sample(range(max(len(train), p.n_prompts)), p.n_prompts)]
@@ -527,8 +524,7 @@ class Pipeline:
 
     def stage_ppo(self, folder: Path) -> dict:
         from tether.algorithms.ppo import train_ppo
-        from tether.algorithms.reward import score_rollout
-        from tether.models import frozen_copy, load_policy, load_scalar_model, save_checkpoint
+        from tether.models import frozen_copy, load_policy, load_scalar_model
 
         cfg = self.cfg
         seed = self._seed(5)
@@ -565,7 +561,7 @@ class Pipeline:
         terms = []
         for weight, name in parse_reward_spec(spec):
             if name == "rm":
-                from tether.algorithms.reward import ensemble_reward, score_rollout
+                from tether.algorithms.reward import ensemble_reward
                 from tether.models import load_scalar_model
 
                 if self._rm is None:
@@ -596,7 +592,7 @@ class Pipeline:
         from tether.algorithms.dpo import REFERENCE_FREE, cache_key, ranking_logps, reference_logps, train_dpo
         from tether.algorithms.reward import collate_rankings, pairwise_accuracy
         from tether.data.io import read_jsonl
-        from tether.models import load_policy, reference_context, save_checkpoint
+        from tether.models import load_policy, reference_context
         from tether.zoo import tether_home
 
         cfg, d = self.cfg, self.cfg.dpo
@@ -672,7 +668,7 @@ class Pipeline:
 
     def _stage_group_rl(self, folder: Path, name: str) -> dict:
         from tether.algorithms.grpo import train_grpo
-        from tether.models import frozen_copy, load_policy, save_checkpoint
+        from tether.models import frozen_copy, load_policy
 
         cfg = self.cfg
         gcfg = getattr(cfg, name)
@@ -698,7 +694,6 @@ class Pipeline:
 
     def stage_eval(self, folder: Path) -> dict:
         from tether.evaluate import evaluate_policy
-        from tether.models import load_policy
 
         cfg = self.cfg
         encoder = self.encoder()

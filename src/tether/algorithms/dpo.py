@@ -25,7 +25,7 @@ from tether.config import DPOConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder
 from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
-from tether.losses import DPO_VARIANTS, dpo_loss, orpo_loss, simpo_loss
+from tether.losses import dpo_loss, orpo_loss, simpo_loss
 from tether.models import grouped_logprobs, reference_context
 
 __all__ = ["ranking_logps", "preference_loss", "reference_logps", "train_dpo", "REFERENCE_FREE"]
