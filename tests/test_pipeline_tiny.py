@@ -198,7 +198,7 @@ def test_the_kept_best_checkpoint_beats_the_last_on_heldout_gold(tiny_hacked):
     hack, cfg, summary = tiny_hacked
     pipe = Pipeline(cfg)
     assert not set(pipe.validation_prompts()) & set(pipe.task.heldout_prompts())
-    assert not set(pipe.validation_prompts()) & set(pipe.rl_prompts())
+    assert not set(pipe.validation_prompts()) & set(pipe.train_prompts())
     best, last = summary["eval"]["ppo_best"], summary["eval"]["ppo"]
     combined = math.sqrt(best["gold_stderr"] ** 2 + last["gold_stderr"] ** 2)
     assert best["gold_mean"] - last["gold_mean"] > 2 * combined, (best["gold_mean"], last["gold_mean"])

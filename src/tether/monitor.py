@@ -249,7 +249,6 @@ class Monitor:
     best_step: int | None = None
     stopped_at: int | None = None
     sampler: object = None
-    _warned: set = field(default_factory=set)
 
     @property
     def every(self) -> int:

@@ -151,8 +151,6 @@ class Pipeline:
         train = self.task.train_prompts()
         return train[: len(train) - len(self.validation_prompts())]
 
-    rl_prompts = train_prompts
-
     def make_monitor(self, name: str, policy, reference, total_steps: int, logger, *, proxy_fn=None,
                      implicit_beta: float | None = None, implicit: str = "kl"):
         """The monitor of a policy stage (None when ``monitor.enabled`` is off)."""
@@ -179,6 +177,7 @@ class Pipeline:
 
             held = load_scalar_model(m.heldout_rm, self.cfg.model, pad_token_id=self.encoder().pad_id, num_labels=None)
             held.requires_grad_(False)
+
             def heldout_rm_fn(rollout):
                 return ensemble_reward(score_rollout(held, rollout, m.generation.batch_size))
         ensemble_fn = None
@@ -542,7 +541,7 @@ class Pipeline:
         score_fn = self.reward_fn(cfg.ppo.micro_batch_size)
         logger = self.logger(folder)
         monitor = self.make_monitor("ppo", policy, reference, cfg.ppo.steps, logger, proxy_fn=score_fn)
-        result = train_ppo(policy, value_model, reference, encoder, self.rl_prompts(), score_fn, cfg.ppo,
+        result = train_ppo(policy, value_model, reference, encoder, self.train_prompts(), score_fn, cfg.ppo,
                            seed=seed, gold_fn=self.task.gold_batch, logger=logger, monitor=monitor)
         logger.close()
         result["monitor"] = self.save_policy(folder, policy, monitor)
@@ -679,7 +678,7 @@ class Pipeline:
         logger = self.logger(folder)
         reward_fn = self.reward_fn(gcfg.micro_batch_size)
         monitor = self.make_monitor(name, policy, reference, gcfg.steps, logger, proxy_fn=reward_fn)
-        result = train_grpo(policy, reference, encoder, self.rl_prompts(), reward_fn, gcfg, seed=seed,
+        result = train_grpo(policy, reference, encoder, self.train_prompts(), reward_fn, gcfg, seed=seed,
                             gold_fn=self.task.gold_batch, logger=logger, name=name, monitor=monitor)
         result["reward"] = cfg.reward
         logger.close()
