@@ -16,12 +16,10 @@ from tether.config import RMConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder, pad_left, pad_right
 from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
-from tether.losses import ensemble_ranking_loss, plackett_luce_loss, ranking_loss_terms, ranking_pairwise_loss
+from tether.losses import ensemble_ranking_loss, ranking_loss_terms
 from tether.models import grouped_token_scalars, token_scalars
 
 __all__ = ["collate_rankings", "ranking_scores", "bootstrap_weights", "ensemble_reward", "ensemble_spread", "train_reward", "score_responses", "score_rollout", "pairwise_accuracy"]
-
-RANKING_LOSSES = {"bradley_terry": ranking_pairwise_loss, "plackett_luce": plackett_luce_loss}
 
 
 def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bool = True,
