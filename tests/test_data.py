@@ -153,7 +153,7 @@ def test_valid_demonstrations(tmp_path):
         ({"prompt": "p", "response": ""}, "response", "non-empty"),
         ({"prompt": "p", "response": "  \n\t"}, "response", "non-empty"),
         ({"prompt": "p", "response": 3}, "response", "must be a string, got int"),
-        ({"prompt": "p", "response": ["a"]}, "response", "must be a string, got list"),
+        ({"prompt": "p", "response": ["a"]}, "response[0]", "must be an object with role and content"),
         ({"prompt": "p", "response": None}, "response", "must be a string"),
         ({"response": "r"}, "prompt", "missing"),
         ({"prompt": "  ", "response": "r"}, "prompt", "non-empty"),

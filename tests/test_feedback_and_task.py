@@ -96,7 +96,7 @@ def test_tiny_task_split_is_fixed_and_disjoint():
 
 
 def test_response_mask_stops_at_first_eos():
-    eos, pad = 3, 0
+    eos, _pad = 3, 0
     ids = torch.tensor([[5, 6, 3, 0, 0], [5, 3, 0, 0, 0], [5, 6, 7, 8, 9], [3, 0, 0, 0, 0]])
     mask, ended = _response_mask(ids, eos)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]

@@ -243,3 +243,52 @@ def test_eval_is_stale_once_its_policy_stage_finished_again(tiny_run):
     finally:
         os.utime(stage, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert pipe.is_done("eval")
+
+
+def _reuse(tiny_run, tmp_path, stages=("data", "sft")):
+    """A new run folder holding copies of the tiny run's finished ``stages``."""
+    import shutil
+
+    src, _ = tiny_run
+    for stage in stages:
+        shutil.copytree(src / stage, tmp_path / stage)
+    return tmp_path
+
+
+def test_rlaif_run_with_the_ai_judge_completes(tiny_run, tmp_path):
+    """`tether run --feedback judge` on the tiny preset: the judge labels, the RM trains on
+    its rankings, PPO and the evaluation run, and the judge's figures reach the summary."""
+    from tether.cli import main
+
+    out = _reuse(tiny_run, tmp_path)
+    rc = main(["run", "--preset", "tiny", "--out", str(out), "--feedback", "judge", "--prefs.n_prompts", "200",
+               "--ppo.steps", "4", "--eval.n_prompts", "16", "--monitor.n_prompts", "8", "--monitor.checks", "1"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    prefs = summary["preferences"]
+    assert prefs["source"] == "judge (hf:tiny)" and prefs["rankings"] == 200
+    assert prefs["judge_accuracy"]["pairs"] > 1000 and 0 <= prefs["judge_accuracy"]["swapped"] <= 1
+    assert 0 <= prefs["judge_position_bias"]["first_slot_rate"] <= 1
+    verdicts = (out / "prefs" / "verdicts.jsonl").read_text().splitlines()
+    assert len(verdicts) == 200 * 6
+    assert {"base", "sft", "ppo"} <= set(summary["eval"])
+    assert "AI judge hf:tiny" in (out / "report.html").read_text()
+
+
+def test_soft_labels_from_several_labelers_train_the_reward_model(tiny_run, tmp_path):
+    from tether.config import load_config
+    from tether.data.schemas import load_rankings
+    from tether.pipeline import Pipeline
+
+    out = _reuse(tiny_run, tmp_path)
+    cfg = load_config(preset="tiny", overrides=[f"out={out}", "prefs.aggregate=soft", "prefs.overlap=0.5",
+                                                "prefs.n_prompts=1500", "stages=[data,sft,prefs,rm]"])
+    summary = Pipeline(cfg).run()
+    prefs = summary["preferences"]
+    train = load_rankings(out / "prefs" / "rankings.jsonl", allow_empty_responses=True)
+    soft = [r for r in train if r.soft_label != 1.0]
+    assert soft and all(0.5 < r.soft_label < 1 for r in soft)
+    assert any(r.tiers for r in train) or len(soft) > 100
+    assert prefs["labels"] == 750 * 3 + 750 and prefs["rankings"] == len(train)
+    assert 0.6 <= prefs["agreement"]["percent_agreement"] <= 0.85
+    assert summary["reward_model"]["heldout_accuracy"] >= 0.7

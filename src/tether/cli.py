@@ -3,7 +3,10 @@
     tether run [CONFIG.yaml] [--preset NAME] [--out DIR] [--section.key value ...]
     tether sft|prefs|rm|ppo|dpo|grpo|rloo|eval [same options]   one stage (and what it needs)
     tether models list | pull NAME
-    tether data validate FILE [--kind demos|rankings]
+    tether data validate|stats FILE [--kind demos|rankings] [--json]
+    tether judge FILE --out DIR [--judge hf|http ...]   an AI judge ranks K responses per prompt
+    tether constitution --prompts FILE --out DIR [...]  critique → revise: demonstrations and pairs
+    tether serve CHECKPOINT [--port 8000]          an OpenAI-compatible chat API on localhost
     tether config [--preset NAME]                  every key, its value and what it does
     tether report DIR                              rebuild DIR/report.html
 """
@@ -96,13 +99,24 @@ def _print_summary(summary: dict) -> None:
         console.print(
             f"reward model held-out pairwise accuracy vs gold: {acc:.3f} on {rm.get('heldout_pairs')} pairs"
             + (f" (a simulated labeler: {lab:.3f})" if lab is not None else "")
+            if acc is not None else "reward model: no held-out pairs"
         )
     prefs = summary.get("preferences")
     if prefs and prefs.get("labeler_agreement") is not None:
+        agreement = prefs.get("agreement") or {}
+        alpha = agreement.get("krippendorff_alpha")
         console.print(
             f"labeler agreement: {prefs['labeler_agreement']:.3f} on {prefs['labeler_agreement_pairs']} "
-            f"overlapping pairs ({prefs['rankings']} rankings of K={prefs['k']})"
+            f"overlapping pairs ({prefs['labels']} rankings of K={prefs['k']})"
+            + (f"; Krippendorff's α {alpha:.3f}" if alpha is not None else "")
         )
+    acc = (prefs or {}).get("judge_accuracy") or {}
+    if acc.get("pairs"):
+        bias = prefs.get("judge_position_bias") or {}
+        console.print(f"AI judge {prefs['judge']}: accuracy vs gold {acc['swapped']:.3f} on {acc['pairs']} pairs "
+                      f"(asked in one order only: {acc['first_order']:.3f}); first-slot rate "
+                      f"{bias.get('first_slot_rate', float('nan')):.3f}, consistent under swapping "
+                      f"{bias.get('consistency', float('nan')):.3f}")
     stages = summary.get("stages", {})
     console.print("wall time: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in stages.items() if v.get("seconds") is not None))
     for name, m in (summary.get("monitor") or {}).items():
@@ -153,15 +167,21 @@ def cmd_models(args, extra) -> int:
 
 
 def cmd_data(args, extra) -> int:
-    from tether.data.io import read_jsonl
     from tether.data.schemas import load_demonstrations, load_rankings
+    from tether.data.stats import detect_kind, file_stats
 
     if extra:
         raise SystemExit(f"unexpected arguments: {extra}")
-    kind = args.kind
-    if kind == "auto":
-        first = next((rec for _, rec in read_jsonl(args.file)), {})
-        kind = "demos" if "response" in first else "rankings"
+    kind = detect_kind(args.file) if args.kind == "auto" else args.kind
+    if args.action == "stats":
+        stats = file_stats(args.file, kind)
+        if args.json:
+            import json
+
+            print(json.dumps(stats, indent=2, ensure_ascii=False, default=str))
+        else:
+            _print_stats(stats)
+        return 0
     if kind == "demos":
         items = load_demonstrations(args.file)
         print(f"{args.file}: {len(items)} valid demonstrations")
@@ -170,6 +190,175 @@ def cmd_data(args, extra) -> int:
         pairs = sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in items)
         print(f"{args.file}: {len(items)} valid rankings ({pairs} pairs)")
     return 0
+
+
+def _print_stats(stats: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{stats['file']} ({stats['kind']})", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    for key, value in stats.items():
+        if key in ("file", "kind", "agreement", "rankings_per_rater") or isinstance(value, dict) and "chars_mean" in value:
+            continue
+        table.add_row(key.replace("_", " "), fmt(value) if not isinstance(value, dict) else
+                      ", ".join(f"{k}: {v}" for k, v in value.items()))
+    for key, value in stats.items():
+        if isinstance(value, dict) and "chars_mean" in value:
+            table.add_row(key.replace("_", " "), f"{value['words_mean']:.1f} words mean, {value['words_median']:g} median, "
+                                                 f"{value['words_max']} max ({value['empty']} empty)")
+    agreement = stats.get("agreement")
+    if agreement:
+        for key in ("items_multi", "pairs_compared", "percent_agreement", "cohen_kappa_mean", "krippendorff_alpha"):
+            value = agreement.get(key)
+            table.add_row(key.replace("_", " "), "—" if value is None else fmt(value))
+    console.print(table)
+    raters = (agreement or {}).get("raters") or {}
+    if raters:
+        t = Table(title="labelers: agreement with the consensus of the others")
+        t.add_column("rater")
+        t.add_column("rankings", justify="right")
+        t.add_column("pairs scored", justify="right")
+        t.add_column("agreement", justify="right")
+        for rater, q in sorted(raters.items(), key=lambda kv: -(kv[1]["agreement_with_consensus"] or 0)):
+            a = q["agreement_with_consensus"]
+            t.add_row(str(rater), str(stats.get("rankings_per_rater", {}).get(rater, "")), str(q["items"]),
+                      "—" if a != a else f"{a:.3f}")
+        console.print(t)
+
+
+def _judge_config(args):
+    from tether.config import JudgeConfig
+
+    return JudgeConfig(kind=args.judge, model=args.model or "", base_url=args.base_url or "", api_model=args.api_model or "",
+                       api_key_env=args.api_key_env, rubric=args.rubric or list(JudgeConfig().rubric),
+                       constitution=args.constitution or "", logprobs=not args.no_logprobs, timeout=args.timeout,
+                       max_retries=args.retries, concurrency=args.concurrency, cache=args.cache or "",
+                       batch_size=args.batch_size, labels=list(args.labels))
+
+
+def _read_groups(path) -> list[dict]:
+    """``{prompt, responses[, gold]}`` records for ``tether judge``."""
+    from tether.data.io import DataError
+    from tether.data.schemas import _assistant_turn, _prompt, iter_records
+
+    groups = []
+    for where, line, rec in iter_records(path):
+        prompt = _prompt(rec, where, line)
+        responses = rec.get("responses")
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise DataError(where, line, "must be a list of at least 2 responses", field="responses")
+        texts = [_assistant_turn(r, where, line, f"responses[{i}]", True)[0] for i, r in enumerate(responses)]
+        gold = rec.get("gold")
+        if gold is not None and (not isinstance(gold, list) or len(gold) != len(texts)
+                                 or any(isinstance(g, bool) or not isinstance(g, (int, float)) for g in gold)):
+            raise DataError(where, line, f"must be a list of {len(texts)} numbers (one per response)", field="gold")
+        groups.append({"prompt": prompt, "responses": texts, "gold": gold})
+    if not groups:
+        raise DataError(path, None, "no records")
+    return groups
+
+
+def cmd_judge(args, extra) -> int:
+    import json
+    from pathlib import Path
+
+    from tether.data.io import write_json, write_jsonl
+    from tether.data.schemas import Ranking, ranking_record, rankings_to_pairs
+    from tether.engine import progress_bar
+    from tether.feedback.judge import Verdict, accuracy_against_gold, make_judge, position_bias
+
+    if extra:
+        raise SystemExit(f"unexpected arguments: {extra}")
+    groups = _read_groups(args.file)
+    cfg = _judge_config(args)
+    if cfg.kind == "hf" and not cfg.model:
+        raise SystemExit("tether judge: --model is needed with --judge hf (a zoo name, folder or hub id)")
+    judge = make_judge(cfg, cfg.model)
+    n_calls = sum(len(g["responses"]) * (len(g["responses"]) - 1) for g in groups)
+    with progress_bar(n_calls, f"judge {judge.name}", unit="call") as bar:
+        ranked = judge.rank([(g["prompt"], g["responses"]) for g in groups], progress=bar.update)
+    out = Path(args.out)
+    rankings, verdicts, scored, with_gold = [], [], [], []
+    for gi, (g, res) in enumerate(zip(groups, ranked)):
+        rankings.append(Ranking(g["prompt"], g["responses"], res["order"], judge.name, {"item": gi}))
+        for i, j, pij, pab, pba, valid in res["pairs"]:
+            v = {"item": gi, "i": i, "j": j, "p": pij, "p_ab": pab, "p_ba": pba, "valid": valid}
+            if g["gold"] is not None:
+                v.update(gold_i=g["gold"][i], gold_j=g["gold"][j])
+                with_gold.append((g["gold"][i], g["gold"][j], pab, pba))
+            verdicts.append(v)
+            scored.append(Verdict(pab, pba, valid))
+    write_jsonl(out / "rankings.jsonl", [ranking_record(r) for r in rankings])
+    write_jsonl(out / "pairs.jsonl", rankings_to_pairs(rankings))
+    write_jsonl(out / "verdicts.jsonl", verdicts)
+    summary = {"judge": judge.name, "groups": len(groups), "comparisons": len(verdicts),
+               "unreadable": sum(not v["valid"] for v in verdicts), "position_bias": position_bias(scored),
+               "accuracy": accuracy_against_gold(with_gold) if with_gold else None}
+    if getattr(judge, "client", None) is not None:
+        summary["requests"] = dict(judge.client.stats)
+        judge.client.close()
+    write_json(out / "summary.json", summary)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out / 'rankings.jsonl'}, {out / 'pairs.jsonl'}, {out / 'verdicts.jsonl'}")
+    return 0
+
+
+def cmd_constitution(args, extra) -> int:
+    from pathlib import Path
+
+    from tether.data.io import DataError, write_json, write_jsonl
+    from tether.data.schemas import _prompt, iter_records
+    from tether.engine import progress_bar
+    from tether.feedback.constitution import HTTPChat, LocalChat, critique_revise
+    from tether.feedback.judge import load_constitution
+
+    if extra:
+        raise SystemExit(f"unexpected arguments: {extra}")
+    prompts = [_prompt(rec, where, line) for where, line, rec in iter_records(args.prompts)]
+    if args.limit:
+        prompts = prompts[: args.limit]
+    if not prompts:
+        raise DataError(args.prompts, None, "no prompts")
+    principles = load_constitution(args.constitution)
+    if args.base_url:
+        chat = HTTPChat(args.base_url, args.api_model or args.model or "default", api_key_env=args.api_key_env,
+                        timeout=args.timeout, max_retries=args.retries, concurrency=args.concurrency,
+                        cache=args.cache or None)
+    elif args.model:
+        chat = LocalChat(args.model, batch_size=args.batch_size)
+    else:
+        raise SystemExit("tether constitution: give --model (a local model) or --base-url (an OpenAI-compatible API)")
+    with progress_bar(len(prompts) * (1 + 2 * args.rounds), "critique → revise", unit="reply") as bar:
+        result = critique_revise(chat, prompts, principles, rounds=args.rounds, seed=args.seed,
+                                 max_tokens=args.max_tokens, temperature=args.temperature, progress=bar.update)
+    out = Path(args.out)
+    write_jsonl(out / "demos.jsonl", result.demos)
+    write_jsonl(out / "pairs.jsonl", result.pairs)
+    write_jsonl(out / "trace.jsonl", result.trace)
+    write_json(out / "summary.json", {"model": chat.name, "prompts": len(prompts), "rounds": args.rounds,
+                                      "principles": [p.name for p in principles], "demos": len(result.demos),
+                                      "pairs": len(result.pairs)})
+    print(f"{len(result.demos)} demonstrations → {out / 'demos.jsonl'}; {len(result.pairs)} pairs (revision ≻ "
+          f"original) → {out / 'pairs.jsonl'}; every round → {out / 'trace.jsonl'}")
+    return 0
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", help="an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (`tether serve`)")
+    p.add_argument("--api-model", help="the model name sent to the API (default: --model, else 'default')")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request attempt")
+    p.add_argument("--retries", type=int, default=4, help="retries after timeouts, 429/5xx and malformed replies")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
+    p.add_argument("--cache", help="SQLite cache of replies (default: $TETHER_HOME/chat_cache.sqlite)")
+    p.add_argument("--batch-size", type=int, default=8, help="local model: prompts per forward pass")
 
 
 def cmd_config(args, extra) -> int:
@@ -184,6 +373,26 @@ def cmd_config(args, extra) -> int:
     else:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
+
+
+def add_serve_parser(subparsers):  # here, not in tether.serve: building the parser imports no torch
+    """Add ``tether serve CHECKPOINT [--host] [--port] [--model-name] ...`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over an OpenAI-compatible chat API (streaming, logprobs)",
+        usage="tether serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--model-name NAME]",
+        description="Serve CHECKPOINT (a model folder, a run's stage folder such as runs/default/ppo, "
+                    "or a zoo name) at http://HOST:PORT/v1/chat/completions.",
+    )
+    p.add_argument("checkpoint", help="model folder, run stage folder (uses its checkpoint/), or zoo name")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--model-name", default=None, help="model id the API reports (default: the folder's name)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024,
+                   help="cap on max_tokens per request, and its default (default: 1024)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return p
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +411,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "pull"])
     p.add_argument("name", nargs="?")
     p.add_argument("--force", action="store_true", help="pull again even if cached")
-    p = sub.add_parser("data", help="validate a JSONL file of demonstrations or rankings/pairs")
-    p.add_argument("action", choices=["validate"])
-    p.add_argument("file")
+    p = sub.add_parser("data", help="validate a file of demonstrations or rankings/pairs, or show its statistics",
+                       usage="tether data validate|stats FILE [--kind auto|demos|rankings] [--json]")
+    p.add_argument("action", choices=["validate", "stats"])
+    p.add_argument("file", help="JSONL, a Hugging Face dataset folder or parquet file, or hf:NAME[:SPLIT]")
     p.add_argument("--kind", choices=["auto", "demos", "rankings"], default="auto")
+    p.add_argument("--json", action="store_true", help="stats as JSON")
+    p = sub.add_parser("judge", help="an AI judge ranks K responses per prompt (RLAIF): rankings, pairs, verdicts",
+                       usage="tether judge FILE --out DIR [--judge hf --model M | --judge http --base-url URL] "
+                             "[--rubric C ...] [--constitution FILE]")
+    p.add_argument("file", help="JSONL of {prompt, responses: [...], gold: [...] (optional)}")
+    p.add_argument("--out", required=True, help="folder for rankings.jsonl, pairs.jsonl, verdicts.jsonl, summary.json")
+    p.add_argument("--judge", choices=["hf", "http"], default="hf", help="local model or OpenAI-compatible API")
+    p.add_argument("--model", help="hf: the judge model (zoo name, folder, hub id); http: the model name")
+    p.add_argument("--rubric", nargs="+", help="criteria (helpfulness honesty harmlessness conciseness, or sentences)")
+    p.add_argument("--constitution", help="YAML list of principles the judge also weighs ('builtin' for Tether's)")
+    p.add_argument("--labels", nargs=2, default=["A", "B"], metavar=("FIRST", "SECOND"),
+                   help="names of the two responses in the prompt (single tokens of the judge's tokenizer)")
+    p.add_argument("--no-logprobs", action="store_true", help="http: read the answer's letter, not top_logprobs")
+    _add_client_args(p)
+    p = sub.add_parser("constitution", help="Constitutional AI: critique → revise against principles; writes "
+                                            "demonstrations and revision ≻ original pairs",
+                       usage="tether constitution --prompts FILE --out DIR (--model M | --base-url URL) "
+                             "[--constitution FILE] [--rounds N]")
+    p.add_argument("--prompts", required=True, help="JSONL of {prompt} records (e.g. a run's data/prompts_train.jsonl)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", help="a local model (zoo name, folder, hub id), or the API's model name")
+    p.add_argument("--constitution", help="YAML list of principles (default: Tether's built-in constitution)")
+    p.add_argument("--rounds", type=int, default=1, help="critique → revise rounds per prompt")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    _add_client_args(p)
+    add_serve_parser(sub)
     p = sub.add_parser("report", help="rebuild a run's self-contained report.html (plots, monitor verdicts, samples)")
     p.add_argument("dir", help="run directory")
     p.add_argument("--out", help="where to write it (default: DIR/report.html)")
@@ -219,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from tether.config import ConfigError
     from tether.data.io import DataError
+    from tether.feedback.client import ChatError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -236,6 +476,16 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_models(args, extra)
         if args.command == "data":
             return cmd_data(args, extra)
+        if args.command == "judge":
+            return cmd_judge(args, extra)
+        if args.command == "constitution":
+            return cmd_constitution(args, extra)
+        if args.command == "serve":
+            from tether.serve import cmd_serve
+
+            if extra:
+                raise SystemExit(f"unexpected arguments: {extra}")
+            return cmd_serve(args)
         if args.command == "config":
             return cmd_config(args, extra)
         if args.command == "report":
@@ -243,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"report: {build_report(args.dir, args.out)}")
             return 0
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ChatError) as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")

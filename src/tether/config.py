@@ -166,6 +166,10 @@ class PrefsConfig:
     labelers_per_item: int = _f(3, "Labelers on each overlapping prompt.")
     target_agreement: float = _f(0.72, "Pairwise agreement of two simulated labelers; sets their Bradley-Terry noise.")
     heldout_prompts: int = _f(64, "Held-out prompts whose K samples give the RM's held-out pairs.")
+    aggregate: Literal["none", "majority", "soft"] = _f(
+        "none", "Items ranked by several labelers: none (each ranking trains as it is), majority (one hard pair "
+                "per pair of responses, the majority's side) or soft (one pair whose label is the share of "
+                "labelers preferring it; used by the RM loss and cDPO/IPO/SimPO).")
     generation: GenerationConfig = _sub(GenerationConfig, "Sampling of the K responses.")
 
     def __post_init__(self) -> None:
@@ -196,10 +200,13 @@ class RMConfig:
                                "resample (Poisson(1)).")
     uncertainty_penalty: float = _f(0.0, "λ: the 'rm' reward is mean − λ·std over the ensemble's heads "
                                          "(uncertainty-penalised reward; 0 = the mean).")
+    margin_scale: float = _f(1.0, "A comparison's `strength` s becomes the Bradley-Terry margin "
+                                  "margin_scale·s (Llama 2); 0 ignores strengths.")
     optim: OptimConfig = _sub(OptimConfig, "Optimiser for the reward model (batch = rankings).")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.margin_scale >= 0, "margin_scale", "must be >= 0")
         _check(self.ensemble >= 1, "ensemble", "must be >= 1")
         _check(self.uncertainty_penalty >= 0, "uncertainty_penalty", "must be >= 0")
 
@@ -437,6 +444,38 @@ class MonitorConfig:
                 raise ConfigError(f"monitor.judge: {exc}") from None
 
 
+@dataclass
+class JudgeConfig:
+    kind: Literal["hf", "http"] = _f("hf", "hf: a local causal LM reads P('A') vs P('B') from its next token; "
+                                           "http: an OpenAI-compatible /v1/chat/completions endpoint.")
+    model: str = _f("", "hf: the judge model (zoo name, folder or hub id; empty = model.name). http: the "
+                        "request's model name (empty: 'default').")
+    base_url: str = _f("", "http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 (`tether serve`).")
+    api_model: str = _f("", "http: the model name sent in requests, when it differs from `model`.")
+    api_key_env: str = _f("OPENAI_API_KEY", "http: environment variable holding the API key (unset: none sent).")
+    rubric: list = _f(["helpfulness", "honesty", "harmlessness", "conciseness"],
+                      "Criteria in the judging prompt: built-in names or your own sentences.")
+    constitution: str = _f("", "A YAML list of principles the judge also weighs ('builtin' for Tether's own; "
+                               "empty = none).")
+    labels: list = _f(["A", "B"], "The names of the two responses in the judging prompt; the answer is one of them "
+                                  "(each must be a single token of the judge's tokenizer).")
+    logprobs: bool = _f(True, "http: ask for top_logprobs and read P('A') from them (else the answer's letter).")
+    timeout: float = _f(60.0, "http: seconds per request attempt.")
+    max_retries: int = _f(4, "http: retries (exponential backoff) after timeouts, 429/5xx and malformed replies.")
+    concurrency: int = _f(4, "http: requests in flight at most.")
+    cache: str = _f("", "http: SQLite cache of replies (empty = $TETHER_HOME/chat_cache.sqlite); a rerun never "
+                        "pays twice.")
+    batch_size: int = _f(8, "hf: judging prompts per forward pass.")
+
+    def __post_init__(self) -> None:
+        _check(self.timeout > 0, "timeout", "must be > 0")
+        _check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        _check(self.concurrency >= 1, "concurrency", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(bool(self.rubric), "rubric", "must name at least one criterion")
+        _check(len(self.labels) == 2 and self.labels[0] != self.labels[1], "labels", "must be two different strings")
+
+
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
@@ -451,6 +490,9 @@ class RunConfig:
     reward: str = _f("rm", "What ppo/grpo/rloo maximise: 'rm' (the reward model), 'gold' (the task's checker), "
                            "'module:function' (a Python callable (prompts, responses) -> scores), or a weighted "
                            "sum such as '0.5*gold + rm'.")
+    feedback: Literal["simulated", "judge", "file"] = _f(
+        "simulated", "Where the preferences come from: simulated labelers (gold + Bradley-Terry noise), an AI "
+                     "judge (RLAIF; see `judge`), or a file (prefs.path; implied when prefs.path is set).")
     stages: list = _f([], "Stages to run, in order; empty = what `policy` and `reward` need, e.g. data, sft, "
                           "prefs, rm, ppo, eval.")
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
@@ -462,6 +504,7 @@ class RunConfig:
     task: TaskConfig = _sub(TaskConfig, "Built-in task (prompts, gold score, demonstrations).")
     sft: SFTConfig = _sub(SFTConfig, "Supervised fine-tuning.")
     prefs: PrefsConfig = _sub(PrefsConfig, "Preference collection.")
+    judge: JudgeConfig = _sub(JudgeConfig, "The AI judge of feedback: judge (RLAIF).")
     rm: RMConfig = _sub(RMConfig, "Reward model.")
     ppo: PPOConfig = _sub(PPOConfig, "PPO with a KL penalty to the SFT policy.")
     dpo: DPOConfig = _sub(DPOConfig, "DPO and its family, on the preference rankings.")
@@ -471,6 +514,12 @@ class RunConfig:
     monitor: MonitorConfig = _sub(MonitorConfig, "Reward-hacking monitors, over-optimisation alarms, best checkpoint.")
 
     def __post_init__(self) -> None:
+        if self.prefs.path and self.feedback == "simulated":
+            self.feedback = "file"
+        _check(self.feedback != "file" or bool(self.prefs.path), "feedback",
+               "'file' needs prefs.path (a JSONL file or dataset of rankings/pairs)")
+        _check(self.feedback != "judge" or not self.prefs.path, "feedback",
+               f"'judge' labels the SFT policy's samples, but prefs.path is set ({self.prefs.path}); use one")
         bad = [t for t in self.trackers if t not in TRACKERS]
         _check(not bad, "trackers", f"unknown trackers {bad}; choose from {', '.join(TRACKERS)}")
         bad = [s for s in self.stages if s not in STAGES]

@@ -113,12 +113,17 @@ def plackett_luce_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -
     return terms.sum(dim=-1).mean()
 
 
-def ranking_loss_terms(scores: torch.Tensor, mask: torch.Tensor, loss: str = "bradley_terry"):
+def ranking_loss_terms(scores: torch.Tensor, mask: torch.Tensor, loss: str = "bradley_terry",
+                       targets: torch.Tensor | None = None, margins: torch.Tensor | None = None):
     """Per-ranking loss sums and term counts, each [B, ...] for scores [B, K, ...].
 
-    ``bradley_terry``: the sum of −log σ(s_i − s_j) over the row's valid pairs i < j, and
-    the number of those pairs; ``plackett_luce``: the row's negative log-likelihood, and 1.
-    Trailing dimensions (e.g. the H heads of an ensemble) are carried through.
+    ``bradley_terry``: the sum over the row's valid pairs i < j of
+    ``−[t·log σ(d) + (1 − t)·log σ(−d)]`` with ``d = s_i − s_j − m``, and the number of
+    those pairs. ``targets`` [B, P] give t = P(i ≻ j) for the P = K(K−1)/2 pairs in
+    ``torch.triu_indices`` order (default 1: a hard ranking; 0.5: a tie; a labelers' share:
+    a soft label); ``margins`` [B, P] give m (default 0; Llama 2's margin for how much
+    better). ``plackett_luce``: the row's negative log-likelihood, and 1 (hard strict
+    rankings only). Trailing dimensions (e.g. the H heads of an ensemble) are carried through.
     """
     extra = scores.dim() - 2
     m = mask.view(*mask.shape, *([1] * extra)).expand_as(scores)
@@ -126,9 +131,19 @@ def ranking_loss_terms(scores: torch.Tensor, mask: torch.Tensor, loss: str = "br
         k = scores.size(1)
         i, j = torch.triu_indices(k, k, offset=1, device=scores.device)
         pair_mask = (m[:, i] & m[:, j]).to(scores.dtype)
-        terms = -F.logsigmoid(scores[:, i] - scores[:, j]) * pair_mask
+        d = scores[:, i] - scores[:, j]
+        if margins is not None:
+            d = d - margins.to(scores.dtype).view(*margins.shape, *([1] * extra))
+        terms = -F.logsigmoid(d)
+        if targets is not None:
+            t = targets.to(scores.dtype).view(*targets.shape, *([1] * extra))
+            terms = t * terms - (1.0 - t) * F.logsigmoid(-d)
+        terms = terms * pair_mask
         return terms.sum(dim=1), pair_mask.sum(dim=1)
     if loss == "plackett_luce":
+        if targets is not None and bool((targets != 1).any()):
+            raise ValueError("plackett_luce needs strict rankings with hard labels; ties and soft labels "
+                             "need bradley_terry (rm.loss)")
         filled = scores.masked_fill(~m, float("-inf"))
         suffix_lse = torch.logcumsumexp(filled.flip(1), dim=1).flip(1)
         terms = (suffix_lse - filled).masked_fill(~m, 0.0)
@@ -143,6 +158,8 @@ def ensemble_ranking_loss(
     *,
     loss: str = "bradley_terry",
     normaliser: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ranking loss of an ensemble of H reward heads, each on its own bootstrap sample.
 
@@ -153,12 +170,13 @@ def ensemble_ranking_loss(
             bootstrap resample; all ones for no bootstrap).
         normaliser: [H] Σ_b weight·terms over the whole batch when this is one micro-batch
             of it (so that micro-batch losses add up to the batch's); default: this batch's.
+        targets, margins: [B, P] per-pair targets and margins (see :func:`ranking_loss_terms`).
 
     Returns: scalar, the mean over heads of Σ_b w_bh·L_bh / Σ_b w_bh·n_b (L: the row's loss
     sum, n: its number of terms; see :func:`ranking_loss_terms`). With H = 1 and unit
     weights it is :func:`ranking_pairwise_loss` / :func:`plackett_luce_loss`.
     """
-    sums, counts = ranking_loss_terms(scores, mask, loss)  # [B, H]
+    sums, counts = ranking_loss_terms(scores, mask, loss, targets, margins)  # [B, H]
     w = weights.to(sums.dtype)
     if normaliser is None:
         normaliser = (w * counts).sum(dim=0)
@@ -241,19 +259,25 @@ def value_loss(
 # difference of implicit rewards divided by β (Rafailov et al. 2023, eq. 7).
 
 
-def _dpo_sigmoid(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+def _dpo_sigmoid(h: torch.Tensor, beta: float, label_smoothing, targets=None) -> torch.Tensor:
     # DPO (Rafailov et al. 2023, eq. 7); with ε > 0 the conservative DPO of Mitchell 2023:
-    # the label is taken to be flipped with probability ε.
-    return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    # the label is taken to be flipped with probability ε. A target t = P(chosen ≻ rejected)
+    # (a soft label; 0.5 for a tie) gives the label probability q = t(1 − ε) + (1 − t)ε.
+    q = 1.0 - label_smoothing if targets is None else targets * (1.0 - label_smoothing) + (1.0 - targets) * label_smoothing
+    return -q * F.logsigmoid(beta * h) - (1.0 - q) * F.logsigmoid(-beta * h)
 
 
-def _dpo_ipo(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:  # noqa: ARG001
-    # IPO (Azar et al. 2023, eq. 17): regress h onto 1/(2β) instead of pushing it to infinity.
-    return (h - 1.0 / (2.0 * beta)) ** 2
+def _dpo_ipo(h: torch.Tensor, beta: float, label_smoothing, targets=None) -> torch.Tensor:  # noqa: ARG001
+    # IPO (Azar et al. 2023, eq. 17): regress h onto 1/(2β) instead of pushing it to infinity;
+    # with a target t = P(chosen ≻ rejected) onto (t − 1/2)/β (0 for a tie).
+    goal = 1.0 / (2.0 * beta) if targets is None else (targets - 0.5) / beta
+    return (h - goal) ** 2
 
 
-def _dpo_hinge(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:  # noqa: ARG001
+def _dpo_hinge(h: torch.Tensor, beta: float, label_smoothing, targets=None) -> torch.Tensor:  # noqa: ARG001
     # SLiC-HF's calibration loss (Zhao et al. 2023): max(0, 1 − β·h).
+    if targets is not None and bool((targets != 1).any()):
+        raise ValueError("the hinge loss has no form for ties or soft labels; use sigmoid or ipo")
     return torch.relu(1.0 - beta * h)
 
 
@@ -281,6 +305,7 @@ def dpo_loss(
     beta: float = 0.1,
     variant: str = "sigmoid",
     label_smoothing: float = 0.0,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Direct preference optimisation and its variants.
 
@@ -292,6 +317,8 @@ def dpo_loss(
         variant: ``"sigmoid"`` (DPO), ``"ipo"`` or ``"hinge"``; see :data:`DPO_VARIANTS`.
             IPO is usually given length-averaged log-probs (as its paper does).
         label_smoothing: ε ∈ [0, 0.5), sigmoid only: conservative DPO for noisy labels.
+        targets: optional [B] P(chosen ≻ rejected) of each pair (a soft label, 0.5 for a
+            tie; default 1): sigmoid and IPO only.
 
     Returns: ``(loss, metrics)``; loss = mean over pairs of the variant's loss of
     ``h = (π_w − ref_w) − (π_l − ref_l)``. Metrics (detached): the implicit rewards
@@ -309,7 +336,9 @@ def dpo_loss(
         raise ValueError("label_smoothing applies to the sigmoid variant only")
     chosen = policy_chosen_logps - ref_chosen_logps
     rejected = policy_rejected_logps - ref_rejected_logps
-    losses = DPO_VARIANTS[variant](chosen - rejected, beta, label_smoothing)
+    if targets is not None:
+        targets = targets.to(chosen.dtype)
+    losses = DPO_VARIANTS[variant](chosen - rejected, beta, label_smoothing, targets)
     metrics = _pair_metrics(beta * chosen.detach(), beta * rejected.detach())
     metrics["logps/chosen"] = policy_chosen_logps.detach().mean()
     metrics["logps/rejected"] = policy_rejected_logps.detach().mean()
@@ -325,6 +354,7 @@ def simpo_loss(
     beta: float = 2.0,
     gamma: float = 1.0,
     label_smoothing: float = 0.0,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SimPO (Meng et al. 2024, eq. 6): reference-free and length-normalised.
 
@@ -334,6 +364,7 @@ def simpo_loss(
         beta: scale of the length-normalised reward ``β/|y| · log π(y|x)``.
         gamma: target reward margin γ.
         label_smoothing: ε, as in conservative DPO.
+        targets: optional [B] P(chosen ≻ rejected), as in :func:`dpo_loss`.
 
     Returns: ``(loss, metrics)``; loss = mean of
     ``−(1−ε) log σ(r_w − r_l − γ) − ε log σ(−(r_w − r_l − γ))`` with ``r = β/|y| log π(y|x)``.
@@ -343,7 +374,11 @@ def simpo_loss(
     chosen = beta * policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
     rejected = beta * policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
     z = chosen - rejected - gamma
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    q = 1.0 - label_smoothing
+    if targets is not None:
+        t = targets.to(z.dtype)
+        q = t * (1.0 - label_smoothing) + (1.0 - t) * label_smoothing
+    losses = -q * F.logsigmoid(z) - (1.0 - q) * F.logsigmoid(-z)
     metrics = _pair_metrics(chosen.detach(), rejected.detach())
     metrics["logps/chosen"] = policy_chosen_logps.detach().mean()
     metrics["logps/rejected"] = policy_rejected_logps.detach().mean()

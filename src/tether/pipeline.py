@@ -378,15 +378,18 @@ class Pipeline:
         return result
 
     def stage_prefs(self, folder: Path) -> dict:
+        """Preferences from ``feedback``: simulated labelers, an AI judge, or a file. Items
+        ranked by several labelers are aggregated as ``prefs.aggregate`` says; the rankings
+        that train are ``rankings.jsonl`` (every labeler's own in ``labels.jsonl``)."""
         p = self.cfg.prefs
-        if p.path:
+        if self.cfg.feedback == "file":
             return self._prefs_from_file(folder, p.path)
+        from tether.algorithms.reward import pairwise_accuracy
         from tether.feedback.simulated import (
             SimulatedLabeler,
             calibrate_temperature,
             percent_agreement_pairs,
         )
-        from tether.algorithms.reward import pairwise_accuracy
 
         seed = self._seed(3)
         rng = random.Random(seed)
@@ -405,6 +408,14 @@ class Pipeline:
 
         groups = sample_groups(prompts, seed, f"K={p.k} samples")
         heldout_groups = sample_groups(heldout, seed + 1, f"K={p.k} held-out")
+        del policy
+        write_jsonl(folder / "heldout.jsonl", heldout_groups)
+        gold_all = [x for g in groups for x in g["gold"]]
+        common = {"rankings": None, "prompts": len(groups), "k": p.k, "heldout_groups": len(heldout_groups),
+                  "sample_gold_mean": sum(gold_all) / len(gold_all)}
+        if self.cfg.feedback == "judge":
+            rankings, extra = self._judge_rankings(folder, groups)
+            return {**common, **self._write_rankings(folder, rankings), **extra}
 
         gaps = [abs(g["gold"][i] - g["gold"][j]) for g in groups for i in range(p.k) for j in range(i + 1, p.k)]
         tau, expected = calibrate_temperature(gaps, p.target_agreement)
@@ -440,18 +451,13 @@ class Pipeline:
             x, n = pairwise_accuracy(rank_score, g["gold"])
             lab_agree += x
             lab_total += n
-        write_jsonl(folder / "rankings.jsonl", rankings)
-        from tether.data.schemas import parse_ranking, rankings_to_pairs
+        from tether.data.schemas import parse_ranking
 
-        write_jsonl(folder / "pairs.jsonl", rankings_to_pairs([parse_ranking(r, allow_empty_responses=True) for r in rankings]))
-        write_jsonl(folder / "heldout.jsonl", heldout_groups)
-        gold_all = [x for g in groups for x in g["gold"]]
+        written = self._write_rankings(folder, [parse_ranking(r, allow_empty_responses=True) for r in rankings])
         return {
+            **common,
             "source": "simulated",
-            "rankings": len(rankings),
-            "prompts": len(groups),
-            "k": p.k,
-            "pairs": len(rankings) * p.k * (p.k - 1) // 2,
+            **written,
             "labelers": p.n_labelers,
             "overlap_items": n_overlap,
             "labeler_tau": tau,
@@ -459,28 +465,80 @@ class Pipeline:
             "labeler_agreement": agree / compared if compared else None,
             "labeler_agreement_pairs": compared,
             "labeler_heldout_accuracy": lab_agree / lab_total if lab_total else None,
-            "heldout_groups": len(heldout_groups),
-            "sample_gold_mean": sum(gold_all) / len(gold_all),
         }
 
+    def _write_rankings(self, folder: Path, rankings: list[Ranking]) -> dict:
+        """Write every labeler's rankings (``labels.jsonl``), the rankings that train
+        (``rankings.jsonl``: aggregated per ``prefs.aggregate``) and their pairs
+        (``pairs.jsonl``); returns counts and agreement statistics."""
+        from tether.data.schemas import ranking_record, rankings_to_pairs
+        from tether.feedback.aggregate import aggregate_rankings, agreement_stats
+
+        train = aggregate_rankings(rankings, self.cfg.prefs.aggregate)
+        write_jsonl(folder / "labels.jsonl", [ranking_record(r) for r in rankings])
+        write_jsonl(folder / "rankings.jsonl", [ranking_record(r) for r in train])
+        pairs = rankings_to_pairs(train)
+        write_jsonl(folder / "pairs.jsonl", pairs)
+        stats = agreement_stats(rankings)
+        return {"labels": len(rankings), "rankings": len(train), "pairs": len(pairs),
+                "aggregate": self.cfg.prefs.aggregate,
+                "agreement": {k: v for k, v in stats.items() if k != "raters"},
+                "rater_quality": stats["raters"]}
+
+    def _judge_rankings(self, folder: Path, groups: list[dict]) -> tuple[list[Ranking], dict]:
+        """RLAIF: the AI judge ranks each group (every pair asked in both orders); its
+        accuracy against gold and its position bias are measured on the same pairs."""
+        from tether.engine import progress_bar
+        from tether.feedback.judge import Verdict, accuracy_against_gold, make_judge, position_bias
+
+        cfg = self.cfg
+        judge = make_judge(cfg.judge, cfg.model.name)
+        n_calls = sum(len(g["responses"]) * (len(g["responses"]) - 1) for g in groups)
+        with progress_bar(n_calls, f"judge {judge.name}", unit="call") as bar:
+            ranked = judge.rank([(g["prompt"], g["responses"]) for g in groups], progress=bar.update)
+        rankings, verdicts, scored = [], [], []
+        for gi, (g, res) in enumerate(zip(groups, ranked)):
+            rankings.append(Ranking(g["prompt"], g["responses"], res["order"], judge.name, {"item": gi}))
+            for i, j, pij, pab, pba, valid in res["pairs"]:
+                verdicts.append({"item": gi, "i": i, "j": j, "p": pij, "p_ab": pab, "p_ba": pba, "valid": valid,
+                                 "gold_i": g["gold"][i], "gold_j": g["gold"][j]})
+                scored.append(Verdict(pab, pba, valid))
+        write_jsonl(folder / "verdicts.jsonl", verdicts)
+        acc = accuracy_against_gold([(v["gold_i"], v["gold_j"], v["p_ab"], v["p_ba"]) for v in verdicts])
+        bias = position_bias(scored)
+        extra = {"source": f"judge ({judge.name})", "judge": judge.name, "judge_accuracy": acc,
+                 "judge_position_bias": bias, "judge_unreadable": sum(not v["valid"] for v in verdicts)}
+        client = getattr(judge, "client", None)
+        if client is not None:
+            extra["judge_requests"] = dict(client.stats)
+            client.close()
+        _say(f"judge {judge.name}: accuracy vs gold {acc['swapped']:.3f} on {acc['pairs']} pairs "
+             f"(first order alone {acc['first_order']:.3f}); first-slot rate {bias['first_slot_rate']:.3f}, "
+             f"consistent under swap {bias['consistency']:.3f}" if acc["pairs"] else f"judge {judge.name}: done")
+        return rankings, extra
+
     def _prefs_from_file(self, folder: Path, path: str) -> dict:
+        """Rankings from a file or dataset; a tenth of its items (all of an item's rankings
+        together, so no item is on both sides) are held out for the reward model's accuracy."""
+        from tether.feedback.aggregate import item_key
+
         rankings = load_rankings(path)
-        rng = random.Random(self._seed(3))
-        rng.shuffle(rankings)
-        n_held = max(1, len(rankings) // 10) if len(rankings) >= 10 else 0
-        held, train = rankings[:n_held], rankings[n_held:]
+        keys = sorted({item_key(r) for r in rankings})
+        random.Random(self._seed(3)).shuffle(keys)
+        n_held = max(1, len(keys) // 10) if len(keys) >= 10 else 0
+        held_keys = set(keys[:n_held])
+        held = [r for r in rankings if item_key(r) in held_keys]
+        train = [r for r in rankings if item_key(r) not in held_keys]
+        random.Random(self._seed(3)).shuffle(train)
 
-        def as_record(r: Ranking) -> dict:
-            return {"prompt": r.prompt, "responses": r.responses, "ranking": r.order, "rater": r.rater}
+        # held-out rankings: their label order plays the part of gold (higher = better; ties equal)
+        def gold_of(r: Ranking) -> list[float]:
+            tiers = r.tiers or list(range(len(r.order)))
+            return [float(-tiers[r.order.index(i)]) for i in range(len(r.responses))]
 
-        write_jsonl(folder / "rankings.jsonl", [as_record(r) for r in train])
-        # held-out rankings: their label order plays the part of gold (higher = better)
-        write_jsonl(folder / "heldout.jsonl", [
-            {"prompt": r.prompt, "responses": r.responses,
-             "gold": [float(-r.order.index(i)) for i in range(len(r.responses))]}
-            for r in held
-        ])
-        return {"source": path, "rankings": len(train), "heldout_groups": len(held)}
+        write_jsonl(folder / "heldout.jsonl", [{"prompt": r.prompt, "responses": r.responses, "gold": gold_of(r)}
+                                               for r in held])
+        return {"source": path, **self._write_rankings(folder, train), "heldout_groups": len(held)}
 
     def stage_rm(self, folder: Path) -> dict:
         from tether.algorithms.reward import pairwise_accuracy, score_responses, train_reward

@@ -285,13 +285,22 @@ def _summary_table(run: dict) -> str:
     rm = s.get("reward_model")
     if rm:
         facts.append(f"reward model held-out pairwise accuracy vs gold: <b>{_fmt(rm.get('heldout_accuracy'))}</b> on "
-                     f"{rm.get('heldout_pairs')} pairs (a simulated labeler: {_fmt(rm.get('labeler_heldout_accuracy'))})")
+                     f"{rm.get('heldout_pairs')} pairs" + (f" (a simulated labeler: {_fmt(rm.get('labeler_heldout_accuracy'))})"
+                                                           if rm.get("labeler_heldout_accuracy") is not None else ""))
         if rm.get("heldout_accuracy_per_head"):
             facts.append("ensemble heads: " + ", ".join(_fmt(a) for a in rm["heldout_accuracy_per_head"]))
     prefs = s.get("preferences") or {}
     if prefs.get("labeler_agreement") is not None:
+        alpha = (prefs.get("agreement") or {}).get("krippendorff_alpha")
         facts.append(f"labeler agreement: {_fmt(prefs['labeler_agreement'])} on {prefs.get('labeler_agreement_pairs')} "
-                     f"overlapping pairs ({prefs.get('rankings')} rankings of K={prefs.get('k')})")
+                     f"overlapping pairs ({prefs.get('labels', prefs.get('rankings'))} rankings of K={prefs.get('k')})"
+                     + (f"; Krippendorff's α {_fmt(alpha)}" if alpha is not None else ""))
+    acc = prefs.get("judge_accuracy") or {}
+    if acc.get("pairs"):
+        bias = prefs.get("judge_position_bias") or {}
+        facts.append(f"AI judge {html.escape(str(prefs.get('judge')))}: accuracy vs gold <b>{_fmt(acc.get('swapped'))}</b> "
+                     f"on {acc['pairs']} pairs (one order only: {_fmt(acc.get('first_order'))}); first-slot rate "
+                     f"{_fmt(bias.get('first_slot_rate'))}, consistent under swapping {_fmt(bias.get('consistency'))}")
     stages = s.get("stages", {})
     if stages:
         facts.append("wall time: " + ", ".join(f"{html.escape(k)} {v['seconds']:.0f} s" for k, v in stages.items()

@@ -60,23 +60,36 @@ def n_pairs(slot_mask: torch.Tensor) -> int:
     return int((k * (k - 1) // 2).sum())
 
 
+def _pair_values(values: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    """Per-pair values [B, P] (``triu_indices`` order) of the valid pairs, flat like :func:`_pairs`."""
+    i, j = torch.triu_indices(slot_mask.size(1), slot_mask.size(1), offset=1, device=slot_mask.device)
+    return values.to(slot_mask.device)[slot_mask[:, i] & slot_mask[:, j]]
+
+
 def preference_loss(cfg: DPOConfig, policy_logps: torch.Tensor, lengths: torch.Tensor, ref_logps: torch.Tensor | None,
-                    slot_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    slot_mask: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The configured loss over all pairs of a batch of rankings (best first).
 
     Args: ``policy_logps``, ``lengths`` and ``ref_logps`` [B, K] (summed log-probs, token
-    counts); ``slot_mask`` [B, K] bool. IPO is given per-token mean log-probs, as in its paper.
+    counts); ``slot_mask`` [B, K] bool; ``targets`` [B, P] P(i ≻ j) per pair (ties, soft
+    labels; see :func:`tether.algorithms.reward.pair_labels`). IPO is given per-token mean
+    log-probs, as in its paper.
     """
     pc, pr = _pairs(policy_logps, slot_mask)
     lc, lr = _pairs(lengths, slot_mask)
+    t = None if targets is None else _pair_values(targets, slot_mask)
     if cfg.loss == "simpo":
-        return simpo_loss(pc, pr, lc, lr, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
+        return simpo_loss(pc, pr, lc, lr, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing,
+                          targets=t)
     if cfg.loss == "orpo":
+        if t is not None and bool((t != 1).any()):
+            raise ValueError("orpo has no form for ties or soft labels; use dpo.loss sigmoid, ipo or simpo, "
+                             "or hard labels (prefs.aggregate: majority)")
         return orpo_loss(pc, pr, lc, lr, lam=cfg.orpo_lambda)
     rc, rr = _pairs(ref_logps, slot_mask)
     if cfg.loss == "ipo":
         pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
-    return dpo_loss(pc, pr, rc, rr, beta=cfg.beta, variant=cfg.loss, label_smoothing=cfg.label_smoothing)
+    return dpo_loss(pc, pr, rc, rr, beta=cfg.beta, variant=cfg.loss, label_smoothing=cfg.label_smoothing, targets=t)
 
 
 # --------------------------------------------------------------------------- the reference cache
@@ -190,7 +203,7 @@ def train_dpo(
             ref = None
             if ref_logps is not None:
                 ref = ref_logps[torch.as_tensor(idx)][:, : logps.size(1)].to(device)
-            loss, metrics = preference_loss(cfg, logps, lengths, ref, m["slot_mask"])
+            loss, metrics = preference_loss(cfg, logps, lengths, ref, m["slot_mask"], m.get("targets"))
             weight = n_pairs(m["slot_mask"]) / n_global  # micro-batch means → the global batch mean
             (loss * weight).backward()
             sums["loss/dpo"] = sums.get("loss/dpo", 0.0) + loss.detach().item() * weight

@@ -47,6 +47,7 @@ def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bo
         slots.append(row + [-1] * (k_max - len(row)))
     slots_t = torch.tensor(slots, dtype=torch.long)
     out = {"slots": slots_t, "slot_mask": slots_t >= 0}
+    out.update(pair_labels(rankings, k_max))
     if (grouped or split) and all(len(a) > 0 for a in answers):
         out["query_ids"], out["query_mask"] = pad_left(queries, encoder.pad_id)
         out["response_ids"], out["response_mask"] = pad_right(answers, encoder.pad_id)
@@ -54,6 +55,36 @@ def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bo
         return out
     input_ids, attention_mask = pad_right([q + a for q, a in zip(queries, answers)], encoder.pad_id)
     out.update(input_ids=input_ids, attention_mask=attention_mask, last=attention_mask.sum(dim=1) - 1)
+    return out
+
+
+def pair_labels(rankings: list[Ranking], k_max: int) -> dict[str, torch.Tensor]:
+    """``targets`` [B, P] (P(i ≻ j) of each pair of positions, ``torch.triu_indices`` order:
+    1 for a hard label, 0.5 for a tie, the soft label otherwise) when any ranking is not a
+    hard strict one, and ``margins`` [B, P] (``strength`` on every strict pair) when any
+    ranking has a strength; nothing for plain rankings (the losses' defaults)."""
+    out = {}
+    i, j = torch.triu_indices(k_max, k_max, offset=1)
+    if any(not r.hard for r in rankings):
+        rows = []
+        for r in rankings:
+            full = torch.ones(k_max, k_max)
+            k = len(r.order)
+            iu, ju = torch.triu_indices(k, k, offset=1)
+            full[iu, ju] = torch.tensor(r.pair_targets(), dtype=torch.float32)
+            rows.append(full[i, j])
+        out["targets"] = torch.stack(rows)
+    if any(r.strength for r in rankings):
+        rows = []
+        for r in rankings:
+            full = torch.zeros(k_max, k_max)
+            k = len(r.order)
+            iu, ju = torch.triu_indices(k, k, offset=1)
+            tiers = r.tiers or list(range(k))
+            strict = torch.tensor([tiers[a] != tiers[b] for a, b in zip(iu.tolist(), ju.tolist())], dtype=torch.float32)
+            full[iu, ju] = float(r.strength or 0.0) * strict
+            rows.append(full[i, j])
+        out["margins"] = torch.stack(rows)
     return out
 
 
@@ -114,15 +145,22 @@ def train_reward(
             scores = ranking_scores(model, m)
             if scores.dim() == 2:
                 scores = scores.unsqueeze(-1)
+            margins = m.get("margins")
             loss = ensemble_ranking_loss(scores, m["slot_mask"], weights[idx].to(device), loss=cfg.loss,
-                                         normaliser=normaliser.to(device))
+                                         normaliser=normaliser.to(device), targets=m.get("targets"),
+                                         margins=None if margins is None else cfg.margin_scale * margins)
             loss.backward()
             loss_total += loss.detach().item()
             with torch.no_grad():
                 mean = scores.mean(dim=-1)
                 i, j = torch.triu_indices(mean.size(1), mean.size(1), offset=1)
                 valid = m["slot_mask"][:, i] & m["slot_mask"][:, j]
-                correct += int(((mean[:, i] > mean[:, j]) & valid).sum())
+                if "targets" in m:  # accuracy on the pairs with a preference (soft: its majority side)
+                    t = m["targets"]
+                    valid = valid & (t != 0.5)
+                    correct += int((((mean[:, i] > mean[:, j]) == (t > 0.5)) & valid).sum())
+                else:
+                    correct += int(((mean[:, i] > mean[:, j]) & valid).sum())
                 pairs += int(valid.sum())
         info = engine.step()
         last = {"loss/rm": loss_total, "rm/train_accuracy": correct / max(pairs, 1),
