@@ -408,7 +408,7 @@ class Pipeline:
 
         groups = sample_groups(prompts, seed, f"K={p.k} samples")
         heldout_groups = sample_groups(heldout, seed + 1, f"K={p.k} held-out")
-        del policy
+        policy = None  # the judge (or the labelers) need the memory more
         write_jsonl(folder / "heldout.jsonl", heldout_groups)
         gold_all = [x for g in groups for x in g["gold"]]
         common = {"rankings": None, "prompts": len(groups), "k": p.k, "heldout_groups": len(heldout_groups),
