@@ -72,11 +72,11 @@ def test_ranking_with_ties_round_trips():
     "record, field, match",
     [
         ({"prompt": "p", "chosen": "a", "rejected": "b", "soft_label": 1.5}, "soft_label", r"in \[0.0, 1.0\]"),
-        ({"prompt": "p", "chosen": "a", "rejected": "b", "soft_label": "high"}, "soft_label", "must be a number"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "soft_label": "high"}, "soft_label", "must be a finite number"),
         ({"prompt": "p", "chosen": "a", "rejected": "b", "strength": -1}, "strength", ">= 0"),
         ({"prompt": "p", "chosen": "a", "rejected": "b", "tie": "yes"}, "tie", "true or false"),
         ({"prompt": "p", "chosen": "a", "rejected": "b", "tie": True, "soft_label": 0.9}, "soft_label", "tie"),
-        ({"prompt": "p", "responses": ["a", "b"], "ranking": [[0, 1]]}, "ranking", "ties every response"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "strength": float("inf")}, "strength", "finite"),
         ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[0, 1], [1, 2]]}, "ranking", "permutation"),
         ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
           "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
@@ -89,6 +89,18 @@ def test_bad_feedback_records_name_file_line_field(tmp_path, record, field, matc
     with pytest.raises(DataError, match=match) as info:
         load_rankings(path)
     assert info.value.line == 2 and info.value.field == field and str(path) in str(info.value)
+
+
+def test_tied_pairs_and_soft_labels_survive_the_files_stages_read(tmp_path):
+    """What stage_prefs writes (ranking_record) the rm and dpo stages read back (parse_ranking)."""
+    rs = [parse_ranking({"prompt": "p", "chosen": "a", "rejected": "b", "tie": True}),
+          parse_ranking({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[0, 1, 2]]}),
+          parse_ranking({"prompt": "p", "chosen": "a", "rejected": "b", "soft_label": 0.6, "strength": 1})]
+    path = _write(tmp_path / "r.jsonl", [ranking_record(r) for r in rs])
+    back = load_rankings(path)
+    assert [(r.order, r.tiers, r.soft_label, r.strength) for r in back] == [
+        ([0, 1], [0, 0], 1.0, None), ([0, 1, 2], [0, 0, 0], 1.0, None), ([0, 1], None, 0.6, 1.0)]
+    assert back[1].pair_targets() == [0.5, 0.5, 0.5]
 
 
 def test_trl_conversational_forms():
@@ -122,6 +134,12 @@ def test_hugging_face_dataset_sources(tmp_path):
                                                       {"role": "assistant", "content": "a"}]]})
     demos.save_to_disk(str(tmp_path / "demos"))
     assert load_demonstrations(tmp_path / "demos")[0].response == "a"
+    # a mixed dataset: each row leaves the other form's columns empty (None), which is no error
+    mixed = datasets.Dataset.from_list([
+        {"prompt": "p", "chosen": "a", "rejected": "b", "responses": None, "ranking": None, "tie": None},
+        {"prompt": "q", "chosen": None, "rejected": None, "responses": ["x", "y"], "ranking": [1, 0], "tie": None}])
+    mixed.to_parquet(str(tmp_path / "mixed.parquet"))
+    assert [r.ranked() for r in load_rankings(tmp_path / "mixed.parquet")] == [["a", "b"], ["y", "x"]]
     with pytest.raises(DataError, match="no dataset here"):
         (tmp_path / "empty").mkdir()
         list(iter_records(tmp_path / "empty"))
@@ -137,9 +155,11 @@ def _naive_bt(scores, targets, margins):
         k = scores.size(1)
         for i in range(k):
             for j in range(i + 1, k):
-                d = scores[b, i] - scores[b, j] - margins[b, p]
-                t = targets[b, p]
-                row.append(-(t * math.log(1 / (1 + math.exp(-d))) + (1 - t) * math.log(1 / (1 + math.exp(d)))))
+                delta, m = float(scores[b, i] - scores[b, j]), float(margins[b, p])
+                t = float(targets[b, p])
+                # i ≻ j with probability t (margin m on that side), j ≻ i otherwise (margin m on that side)
+                row.append(-(t * math.log(1 / (1 + math.exp(-(delta - m))))
+                             + (1 - t) * math.log(1 / (1 + math.exp(-(-delta - m))))))
                 p += 1
         total.append(sum(row))
     return torch.tensor(total, dtype=torch.float64)
@@ -161,6 +181,11 @@ def test_bradley_terry_with_targets_and_margins_matches_a_naive_loop():
     s = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
     ranking_loss_terms(s, torch.ones(1, 2, dtype=torch.bool), "bradley_terry", torch.full((1, 1), 0.5))[0].sum().backward()
     assert s.grad.abs().max().item() < 1e-12
+    # margins apply to each side's own orientation: at t = ½ with a margin, Δ = 0 is still the optimum
+    s2 = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    ranking_loss_terms(s2, torch.ones(1, 2, dtype=torch.bool), "bradley_terry", torch.full((1, 1), 0.5),
+                       torch.full((1, 1), 2.0))[0].sum().backward()
+    assert s2.grad.abs().max().item() < 1e-12
     with pytest.raises(ValueError, match="plackett_luce needs strict"):
         ranking_loss_terms(scores, mask, "plackett_luce", targets)
 
@@ -186,11 +211,15 @@ def test_dpo_family_targets_by_hand():
     assert abs(dpo_loss(pc, pr, rc, rr, beta=beta, variant="ipo", targets=torch.tensor([0.5], dtype=torch.float64))[0].item() - h**2) < 1e-12
     with pytest.raises(ValueError, match="hinge"):
         dpo_loss(pc, pr, rc, rr, variant="hinge", targets=torch.tensor([0.5], dtype=torch.float64))
-    # SimPO: the same label mixing on its margin-shifted reward difference
+    # SimPO: the expected loss over the label, each orientation with its own margin γ
     lc = lr = torch.ones(1, dtype=torch.float64)
-    z = 2.0 * (-1.0) - 2.0 * (-2.0) - 1.0
-    want = -(0.7 * _ls(z) + 0.3 * _ls(-z))
+    delta = 2.0 * (-1.0) - 2.0 * (-2.0)
+    want = -(0.7 * _ls(delta - 1.0) + 0.3 * _ls(-delta - 1.0))
     assert abs(simpo_loss(pc, pr, lc, lr, targets=torch.tensor([0.7], dtype=torch.float64))[0].item() - want.item()) < 1e-12
+    # … so a tie's optimum is equal rewards
+    eq = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
+    simpo_loss(eq, torch.tensor([-1.0], dtype=torch.float64), lc, lr, targets=torch.tensor([0.5], dtype=torch.float64))[0].backward()
+    assert abs(eq.grad.item()) < 1e-12
 
 
 def test_reward_model_collate_carries_pair_targets(tiny_tokenizer):
@@ -228,6 +257,14 @@ def test_majority_and_soft_aggregation_by_hand():
     [tie] = aggregate_rankings(split, "soft")
     assert tie.tiers == [0, 0] and tie.pair_targets() == [0.5]
     assert aggregate_rankings(rs, "none") == rs
+    # rankings without a rater are different labelers: two say a ≻ b, one b ≻ a
+    anon = [parse_ranking({"prompt": "p", "chosen": c, "rejected": r}) for c, r in (("a", "b"), ("a", "b"), ("b", "a"))]
+    [m] = aggregate_rankings(anon, "majority")
+    assert m.ranked() == ["a", "b"] and m.meta["votes"] == 3
+    # a response given twice counts at its better place
+    dup = [_ranking(r, [2, 1, 0], ("x", "y", "x")) for r in ("l1", "l2")]  # the second "x" ranked first
+    [d] = aggregate_rankings(dup, "soft")
+    assert d.ranked() == ["x", "y"] and d.soft_label == 1.0 and d.tiers is None
 
 
 def test_agreement_stats_recover_simulated_labelers():
@@ -329,9 +366,11 @@ def test_hf_judge_is_symmetric_under_swapping(tiny_judge):
              ("write four words about tools", "saw drill", "saw drill axe hammer")]
     fwd = tiny_judge.compare(items)
     back = tiny_judge.compare([(p, y, x) for p, x, y in items])
-    for f, b in zip(fwd, back):
-        assert 0 < f.p_ab < 1 and f.valid
-        assert f.p == pytest.approx(1 - b.p, abs=1e-6)
+    for f in fwd:
+        assert 0 < f.p_ab < 1 and 0 < f.p_ba < 1 and f.valid
+        assert f.p == pytest.approx(0.5 * (f.p_ab + 1 - f.p_ba))
+    # the second order is a real second question: its answer is the first's, with the slots swapped
+    assert [b.p_ab for b in back] == pytest.approx([f.p_ba for f in fwd], abs=1e-6)
     # batching and padding do not change a probability
     single = [HFJudge.first_letter_probs(tiny_judge, [judge_messages(p, x, y, labels=("the", "so"))])[0][0]
               for p, x, y in items]
@@ -476,7 +515,7 @@ def test_http_client_keeps_to_its_concurrency_limit(bad_server, tmp_path):
     judge = HTTPJudge(url, "m", cache=False, concurrency=3)
     out = judge.first_letter_probs([_conv(i) for i in range(12)])
     assert len(out) == 12 and server.calls == 12
-    assert server.max_in_flight == 3
+    assert 2 <= server.max_in_flight <= 3
 
 
 def test_http_judge_reads_logprobs_and_unreadable_answers():
@@ -489,6 +528,12 @@ def test_http_judge_reads_logprobs_and_unreadable_answers():
     # a label outside the list is given the list's smallest log-prob (a bound)
     resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = top[:1] + top[2:]
     assert judge.read(resp) == (pytest.approx(6 / 7), True)
+    # … or what the list leaves over, when that is less
+    resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = [{"token": "A", "logprob": math.log(0.99)}]
+    assert judge.read(resp) == (pytest.approx(0.99), True)
+    resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = [{"token": "A", "logprob": math.log(0.9)},
+                                                                      {"token": "C", "logprob": math.log(0.09)}]
+    assert judge.read(resp) == (pytest.approx(0.9 / 0.91), True)
     assert judge.read({"choices": [{"message": {"content": "B, because"}}]}) == (0.0, True)
     assert judge.read({"choices": [{"message": {"content": "Neither"}}]}) == (0.5, False)
 

@@ -281,14 +281,16 @@ def test_soft_labels_from_several_labelers_train_the_reward_model(tiny_run, tmp_
     from tether.pipeline import Pipeline
 
     out = _reuse(tiny_run, tmp_path)
+    # two labelers per shared item: where they split, the pair is a tie
     cfg = load_config(preset="tiny", overrides=[f"out={out}", "prefs.aggregate=soft", "prefs.overlap=0.5",
-                                                "prefs.n_prompts=1500", "stages=[data,sft,prefs,rm]"])
+                                                "prefs.labelers_per_item=2", "prefs.n_prompts=1500",
+                                                "stages=[data,sft,prefs,rm]"])
     summary = Pipeline(cfg).run()
     prefs = summary["preferences"]
     train = load_rankings(out / "prefs" / "rankings.jsonl", allow_empty_responses=True)
-    soft = [r for r in train if r.soft_label != 1.0]
-    assert soft and all(0.5 < r.soft_label < 1 for r in soft)
-    assert any(r.tiers for r in train) or len(soft) > 100
-    assert prefs["labels"] == 750 * 3 + 750 and prefs["rankings"] == len(train)
+    ties = [r for r in train if r.tiers]
+    assert len(ties) > 100 and all(r.pair_targets() == [0.5] for r in ties)
+    assert all(r.soft_label == 1.0 for r in train)  # two votes: agreement (1) or a tie
+    assert prefs["labels"] == 750 * 2 + 750 and prefs["rankings"] == len(train)
     assert 0.6 <= prefs["agreement"]["percent_agreement"] <= 0.85
     assert summary["reward_model"]["heldout_accuracy"] >= 0.7

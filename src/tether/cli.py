@@ -226,10 +226,10 @@ def _print_stats(stats: dict) -> None:
         t.add_column("rankings", justify="right")
         t.add_column("pairs scored", justify="right")
         t.add_column("agreement", justify="right")
-        for rater, q in sorted(raters.items(), key=lambda kv: -(kv[1]["agreement_with_consensus"] or 0)):
+        for rater, q in sorted(raters.items(), key=lambda kv: -(kv[1]["agreement_with_consensus"] or 0.0)):
             a = q["agreement_with_consensus"]
             t.add_row(str(rater), str(stats.get("rankings_per_rater", {}).get(rater, "")), str(q["items"]),
-                      "—" if a != a else f"{a:.3f}")
+                      "—" if a is None else f"{a:.3f}")
         console.print(t)
 
 
@@ -276,11 +276,16 @@ def cmd_judge(args, extra) -> int:
 
     if extra:
         raise SystemExit(f"unexpected arguments: {extra}")
+    from tether.config import ConfigError
+
     groups = _read_groups(args.file)
     cfg = _judge_config(args)
     if cfg.kind == "hf" and not cfg.model:
-        raise SystemExit("tether judge: --model is needed with --judge hf (a zoo name, folder or hub id)")
-    judge = make_judge(cfg, cfg.model)
+        raise ConfigError("--model is needed with --judge hf (a zoo name, folder or hub id)")
+    try:
+        judge = make_judge(cfg, cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     n_calls = sum(len(g["responses"]) * (len(g["responses"]) - 1) for g in groups)
     with progress_bar(n_calls, f"judge {judge.name}", unit="call") as bar:
         ranked = judge.rank([(g["prompt"], g["responses"]) for g in groups], progress=bar.update)
@@ -326,7 +331,13 @@ def cmd_constitution(args, extra) -> int:
         prompts = prompts[: args.limit]
     if not prompts:
         raise DataError(args.prompts, None, "no prompts")
+    from tether.config import ConfigError
+
     principles = load_constitution(args.constitution)
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.base_url and not args.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"--base-url must start with http:// or https://, got {args.base_url!r}")
     if args.base_url:
         chat = HTTPChat(args.base_url, args.api_model or args.model or "default", api_key_env=args.api_key_env,
                         timeout=args.timeout, max_retries=args.retries, concurrency=args.concurrency,

@@ -473,7 +473,9 @@ class JudgeConfig:
         _check(self.concurrency >= 1, "concurrency", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(bool(self.rubric), "rubric", "must name at least one criterion")
-        _check(len(self.labels) == 2 and self.labels[0] != self.labels[1], "labels", "must be two different strings")
+        _check(len(self.labels) == 2 and all(isinstance(x, str) and x.strip() for x in self.labels)
+               and self.labels[0].strip() != self.labels[1].strip(), "labels",
+               f"must be two different non-empty strings (quote words YAML reads as booleans), got {self.labels!r}")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -520,6 +522,16 @@ class RunConfig:
                "'file' needs prefs.path (a JSONL file or dataset of rankings/pairs)")
         _check(self.feedback != "judge" or not self.prefs.path, "feedback",
                f"'judge' labels the SFT policy's samples, but prefs.path is set ({self.prefs.path}); use one")
+        _check(self.feedback != "judge" or self.judge.kind != "http" or bool(self.judge.base_url), "judge.base_url",
+               "judge.kind 'http' needs the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 (`tether serve`)")
+        _check(not self.judge.base_url or self.judge.base_url.startswith(("http://", "https://")), "judge.base_url",
+               f"must start with http:// or https://, got {self.judge.base_url!r}")
+        if self.prefs.aggregate == "soft":  # soft labels and ties need a loss that takes a target
+            _check(self.rm.loss == "bradley_terry", "prefs.aggregate",
+                   "'soft' gives soft labels and ties, which rm.loss 'plackett_luce' cannot use; use bradley_terry")
+            _check(self.policy != "dpo" or self.dpo.loss in ("sigmoid", "ipo", "simpo"), "prefs.aggregate",
+                   f"'soft' gives soft labels and ties, which dpo.loss '{self.dpo.loss}' cannot use; use sigmoid, "
+                   "ipo or simpo, or prefs.aggregate: majority")
         bad = [t for t in self.trackers if t not in TRACKERS]
         _check(not bad, "trackers", f"unknown trackers {bad}; choose from {', '.join(TRACKERS)}")
         bad = [s for s in self.stages if s not in STAGES]

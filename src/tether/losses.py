@@ -118,11 +118,12 @@ def ranking_loss_terms(scores: torch.Tensor, mask: torch.Tensor, loss: str = "br
     """Per-ranking loss sums and term counts, each [B, ...] for scores [B, K, ...].
 
     ``bradley_terry``: the sum over the row's valid pairs i < j of
-    ``−[t·log σ(d) + (1 − t)·log σ(−d)]`` with ``d = s_i − s_j − m``, and the number of
-    those pairs. ``targets`` [B, P] give t = P(i ≻ j) for the P = K(K−1)/2 pairs in
-    ``torch.triu_indices`` order (default 1: a hard ranking; 0.5: a tie; a labelers' share:
-    a soft label); ``margins`` [B, P] give m (default 0; Llama 2's margin for how much
-    better). ``plackett_luce``: the row's negative log-likelihood, and 1 (hard strict
+    ``−[t·log σ(Δ − m) + (1 − t)·log σ(−Δ − m)]`` with ``Δ = s_i − s_j``, and the number
+    of those pairs: the expected loss when the pair is i ≻ j with probability t and j ≻ i
+    otherwise, each side with its own margin. ``targets`` [B, P] give t = P(i ≻ j) for the
+    P = K(K−1)/2 pairs in ``torch.triu_indices`` order (default 1: a hard ranking; 0.5: a
+    tie, whose optimum is Δ = 0; a labelers' share: a soft label); ``margins`` [B, P] give
+    m (default 0; Llama 2's margin for how much better). ``plackett_luce``: the row's negative log-likelihood, and 1 (hard strict
     rankings only). Trailing dimensions (e.g. the H heads of an ensemble) are carried through.
     """
     extra = scores.dim() - 2
@@ -131,13 +132,12 @@ def ranking_loss_terms(scores: torch.Tensor, mask: torch.Tensor, loss: str = "br
         k = scores.size(1)
         i, j = torch.triu_indices(k, k, offset=1, device=scores.device)
         pair_mask = (m[:, i] & m[:, j]).to(scores.dtype)
-        d = scores[:, i] - scores[:, j]
-        if margins is not None:
-            d = d - margins.to(scores.dtype).view(*margins.shape, *([1] * extra))
-        terms = -F.logsigmoid(d)
+        delta = scores[:, i] - scores[:, j]
+        m_ = 0.0 if margins is None else margins.to(scores.dtype).view(*margins.shape, *([1] * extra))
+        terms = -F.logsigmoid(delta - m_)
         if targets is not None:
             t = targets.to(scores.dtype).view(*targets.shape, *([1] * extra))
-            terms = t * terms - (1.0 - t) * F.logsigmoid(-d)
+            terms = t * terms - (1.0 - t) * F.logsigmoid(-delta - m_)
         terms = terms * pair_mask
         return terms.sum(dim=1), pair_mask.sum(dim=1)
     if loss == "plackett_luce":
@@ -364,7 +364,8 @@ def simpo_loss(
         beta: scale of the length-normalised reward ``β/|y| · log π(y|x)``.
         gamma: target reward margin γ.
         label_smoothing: ε, as in conservative DPO.
-        targets: optional [B] P(chosen ≻ rejected), as in :func:`dpo_loss`.
+        targets: optional [B] P(chosen ≻ rejected), as in :func:`dpo_loss`: the loss is
+            t·L(r_w − r_l) + (1 − t)·L(r_l − r_w), so a tie's optimum is r_w = r_l.
 
     Returns: ``(loss, metrics)``; loss = mean of
     ``−(1−ε) log σ(r_w − r_l − γ) − ε log σ(−(r_w − r_l − γ))`` with ``r = β/|y| log π(y|x)``.
@@ -374,11 +375,12 @@ def simpo_loss(
     chosen = beta * policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
     rejected = beta * policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
     z = chosen - rejected - gamma
-    q = 1.0 - label_smoothing
-    if targets is not None:
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    if targets is not None:  # the expected loss over the label: reversed with probability 1 − t
         t = targets.to(z.dtype)
-        q = t * (1.0 - label_smoothing) + (1.0 - t) * label_smoothing
-    losses = -q * F.logsigmoid(z) - (1.0 - q) * F.logsigmoid(-z)
+        z_rev = -(chosen - rejected) - gamma
+        reversed_ = -(1.0 - label_smoothing) * F.logsigmoid(z_rev) - label_smoothing * F.logsigmoid(-z_rev)
+        losses = t * losses + (1.0 - t) * reversed_
     metrics = _pair_metrics(chosen.detach(), rejected.detach())
     metrics["logps/chosen"] = policy_chosen_logps.detach().mean()
     metrics["logps/rejected"] = policy_rejected_logps.detach().mean()

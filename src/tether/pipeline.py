@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tether.config import POLICIES, STAGES, RunConfig, config_to_dict
+from tether.config import POLICIES, STAGES, ConfigError, RunConfig, config_to_dict
 from tether.data.io import write_json, write_jsonl
 from tether.data.schemas import Ranking, load_demonstrations, load_rankings
 from tether.data.tokenize import Encoder
@@ -391,6 +391,14 @@ class Pipeline:
             percent_agreement_pairs,
         )
 
+        judge = None
+        if self.cfg.feedback == "judge":  # built first: a bad judge setting fails before the sampling
+            from tether.feedback.judge import make_judge
+
+            try:
+                judge = make_judge(self.cfg.judge, self.cfg.model.name)
+            except ValueError as exc:
+                raise ConfigError(f"judge: {exc}") from None
         seed = self._seed(3)
         rng = random.Random(seed)
         policy = self.frozen_policy(self.checkpoint("sft"))
@@ -410,11 +418,12 @@ class Pipeline:
         heldout_groups = sample_groups(heldout, seed + 1, f"K={p.k} held-out")
         policy = None  # the judge (or the labelers) need the memory more
         write_jsonl(folder / "heldout.jsonl", heldout_groups)
+        write_jsonl(folder / "samples.jsonl", groups)  # what was labelled, with gold (`tether judge` reads it)
         gold_all = [x for g in groups for x in g["gold"]]
         common = {"rankings": None, "prompts": len(groups), "k": p.k, "heldout_groups": len(heldout_groups),
                   "sample_gold_mean": sum(gold_all) / len(gold_all)}
         if self.cfg.feedback == "judge":
-            rankings, extra = self._judge_rankings(folder, groups)
+            rankings, extra = self._judge_rankings(folder, groups, judge)
             return {**common, **self._write_rankings(folder, rankings), **extra}
 
         gaps = [abs(g["gold"][i] - g["gold"][j]) for g in groups for i in range(p.k) for j in range(i + 1, p.k)]
@@ -485,14 +494,12 @@ class Pipeline:
                 "agreement": {k: v for k, v in stats.items() if k != "raters"},
                 "rater_quality": stats["raters"]}
 
-    def _judge_rankings(self, folder: Path, groups: list[dict]) -> tuple[list[Ranking], dict]:
+    def _judge_rankings(self, folder: Path, groups: list[dict], judge) -> tuple[list[Ranking], dict]:
         """RLAIF: the AI judge ranks each group (every pair asked in both orders); its
         accuracy against gold and its position bias are measured on the same pairs."""
         from tether.engine import progress_bar
-        from tether.feedback.judge import Verdict, accuracy_against_gold, make_judge, position_bias
+        from tether.feedback.judge import Verdict, accuracy_against_gold, position_bias
 
-        cfg = self.cfg
-        judge = make_judge(cfg.judge, cfg.model.name)
         n_calls = sum(len(g["responses"]) * (len(g["responses"]) - 1) for g in groups)
         with progress_bar(n_calls, f"judge {judge.name}", unit="call") as bar:
             ranked = judge.rank([(g["prompt"], g["responses"]) for g in groups], progress=bar.update)
@@ -531,10 +538,12 @@ class Pipeline:
         train = [r for r in rankings if item_key(r) not in held_keys]
         random.Random(self._seed(3)).shuffle(train)
 
-        # held-out rankings: their label order plays the part of gold (higher = better; ties equal)
+        # held-out rankings: their label order plays the part of gold (higher = better; ties
+        # equal; a soft label below ½ reverses the order, at ½ it is a tie)
         def gold_of(r: Ranking) -> list[float]:
             tiers = r.tiers or list(range(len(r.order)))
-            return [float(-tiers[r.order.index(i)]) for i in range(len(r.responses))]
+            sign = 0.0 if r.soft_label == 0.5 else (1.0 if r.soft_label > 0.5 else -1.0)
+            return [-sign * tiers[r.order.index(i)] for i in range(len(r.responses))]
 
         write_jsonl(folder / "heldout.jsonl", [{"prompt": r.prompt, "responses": r.responses, "gold": gold_of(r)}
                                                for r in held])

@@ -25,6 +25,7 @@ conversational form; without ``prompt`` the messages before that turn are the pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
@@ -65,7 +66,7 @@ class Ranking:
     tiers: list[int] | None = None
     #: probability that the order is right, for every strict pair (1 = a hard label)
     soft_label: float = 1.0
-    #: how much better each response is than the next (≥ 0), e.g. Llama 2's margin
+    #: how much better (≥ 0): the Bradley–Terry margin of every strict pair (Llama 2)
     strength: float | None = None
 
     def ranked(self) -> list[str]:
@@ -165,8 +166,8 @@ def _number(record: dict, key: str, path, line, lo: float, hi: float | None = No
     if key not in record or record[key] is None:
         return None
     value = record[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise DataError(path, line, f"must be a number, got {value!r}", field=key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(path, line, f"must be a finite number, got {value!r}", field=key)
     if value < lo or (hi is not None and value > hi):
         bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise DataError(path, line, f"must be {bounds if hi is None else 'in ' + bounds}, got {value}", field=key)
@@ -188,8 +189,6 @@ def _order(value, k: int, path, line) -> tuple[list[int], list[int] | None]:
         tiers.extend([tier] * len(group))
     if sorted(order) != list(range(k)):
         raise bad
-    if len(set(tiers)) == 1:
-        raise DataError(path, line, "ties every response; such a ranking says nothing", field="ranking")
     return order, (tiers if len(set(tiers)) < k else None)
 
 
@@ -263,10 +262,12 @@ def ranking_record(r: Ranking, **extra) -> dict:
 def iter_records(source: str | Path) -> Iterator[tuple[str, int, dict]]:
     """``(where, row, record)`` for each record of a JSONL file or a Hugging Face dataset.
 
-    A dataset is a folder written by ``Dataset.save_to_disk``, a ``.parquet``/``.json``/``.csv``
-    file or folder of them, or ``hf:NAME[:SPLIT]`` on the hub (split ``train`` by default);
-    it needs the ``datasets`` package (``pip install 'tether[datasets]'``). Row numbers
-    start at 1, like JSONL lines.
+    A dataset is a folder written by ``Dataset.save_to_disk``, a ``.parquet``/``.csv``/``.arrow``
+    file, a folder of such (or of ``.json``/``.jsonl``) files, or ``hf:NAME[:SPLIT]`` on the
+    hub (split ``train`` by default); it needs the ``datasets`` package (``pip install
+    'tether[datasets]'``). Any other file is read as JSONL. Row numbers start at 1, like
+    JSONL lines. A dataset's columns cover every row, so the keys a row leaves empty (None)
+    are dropped: a ranking row of a mixed dataset has no ``chosen``.
     """
     s = str(source)
     path = Path(s)
@@ -276,7 +277,7 @@ def iter_records(source: str | Path) -> Iterator[tuple[str, int, dict]]:
         return
     dataset = _load_dataset(s)
     for i, rec in enumerate(dataset, start=1):
-        yield s, i, dict(rec)
+        yield s, i, {k: v for k, v in dict(rec).items() if v is not None}
 
 
 def _load_dataset(source: str):

@@ -35,10 +35,11 @@ def item_key(r: Ranking) -> str:
 
 def _votes_of(r: Ranking) -> dict[tuple[str, str], str]:
     """This ranking's vote on each pair (a, b) of its responses, a < b as strings."""
-    pos = {}
+    pos: dict[str, int] = {}
     tiers = r.tiers or list(range(len(r.order)))
-    for p, idx in enumerate(r.order):
-        pos[r.responses[idx]] = tiers[p]
+    for p, idx in enumerate(r.order):  # a text given twice counts at its better place
+        text = r.responses[idx]
+        pos[text] = min(pos.get(text, tiers[p]), tiers[p])
     out = {}
     for a, b in combinations(sorted(set(pos)), 2):
         out[(a, b)] = TIE if pos[a] == pos[b] else (FIRST if pos[a] < pos[b] else SECOND)
@@ -82,11 +83,10 @@ def aggregate_rankings(rankings: list[Ranking], method: str = "soft") -> list[Ra
     votes = pair_votes(rankings)
     out: list[Ranking] = []
     for key, group in by_item.items():
-        raters = {r.rater for r in group}
-        if len(group) == 1 or len(raters) == 1:
+        item = votes[key]
+        if len(item["raters"]) == 1:  # one labeler (unnamed rankings count as different labelers)
             out.append(group[-1])
             continue
-        item = votes[key]
         for (a, b), by_rater in item["votes"].items():
             n = len(by_rater)
             share_a = sum(1.0 if v == FIRST else 0.5 if v == TIE else 0.0 for v in by_rater.values()) / n
@@ -150,5 +150,6 @@ def agreement_stats(rankings: list[Ranking]) -> dict:
         out["krippendorff_alpha"] = krippendorff_alpha(data, level="nominal")
     except ValueError:
         out["krippendorff_alpha"] = None
-    out["raters"] = rater_quality(ratings)
+    out["raters"] = {r: {k: (None if isinstance(v, float) and v != v else v) for k, v in q.items()}
+                     for r, q in rater_quality(ratings).items()}  # NaN (nothing scored) → None: valid JSON
     return out

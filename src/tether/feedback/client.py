@@ -7,7 +7,7 @@ beneath it (httpx does the HTTP):
   server's ``Retry-After`` when it sends one) on timeouts, lost connections, HTTP 429 and
   5xx, and malformed responses; other 4xx errors are the request's fault and fail at once;
 - a **concurrency limit**: at most ``concurrency`` requests in flight;
-- an **on-disk cache** (SQLite, keyed by the model and the request body, not the URL), so a
+- an **on-disk cache** (SQLite, keyed by the URL, the model and the request body), so a
   rerun never pays twice. Only a complete, well-formed response is stored, and each is
   committed on its own, so a run that fails half-way keeps what it already paid for;
 - errors that say which URL, what happened and after how many attempts.
@@ -131,7 +131,9 @@ class ChatClient:
         self.close()
 
     def key(self, body: dict) -> str:
-        return hashlib.sha256(json.dumps({"model": self.model, **body}, sort_keys=True,
+        """The cache key: the endpoint, the model name and the request body. A model retrained
+        under the same name behind the same URL needs a fresh cache (or another name)."""
+        return hashlib.sha256(json.dumps({"url": self.url, "model": self.model, **body}, sort_keys=True,
                                          ensure_ascii=False).encode()).hexdigest()
 
     def _count(self, name: str, n: int = 1) -> None:

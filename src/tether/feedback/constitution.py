@@ -6,7 +6,7 @@ request, and rewrites the response following its revision request. The outputs a
 
 - SFT demonstrations ``{prompt, response: final revision}`` (the supervised stage of CAI);
 - preference pairs ``{prompt, chosen: final revision, rejected: original}`` (the data an
-  RL-from-AI-feedback stage can train on), skipped when the revision is empty or unchanged;
+  RL-from-AI-feedback stage can train on), skipped when either is empty or they are equal;
 - the full trace of every round, for reading.
 
 The model is a local causal LM (:class:`LocalChat`) or any OpenAI-compatible endpoint
@@ -35,6 +35,8 @@ class LocalChat:
 
         self.tokenizer = load_tokenizer(model)
         self.model = AutoModelForCausalLM.from_pretrained(resolve_model(model)).eval()
+        if torch.cuda.is_available():
+            self.model = self.model.to("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         self.batch_size, self.max_prompt_tokens = batch_size, max_prompt_tokens
         self._torch = torch
         self.name = f"hf:{model}"
@@ -59,6 +61,7 @@ class LocalChat:
         for b in range(0, len(conversations), self.batch_size):
             chunk = conversations[b : b + self.batch_size]
             ids, mask = pad_left([self._encode(c) for c in chunk], int(tok.pad_token_id))
+            ids, mask = ids.to(self.model.device), mask.to(self.model.device)
             torch.manual_seed(seed + b)
             with torch.no_grad():
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
@@ -134,6 +137,6 @@ def critique_revise(chat, prompts: list, principles: list[Principle], *, rounds:
         t["final"] = final
         if final.strip():
             demos.append({"prompt": p, "response": final})
-        if final.strip() and final.strip() != o.strip():
+        if final.strip() and o.strip() and final.strip() != o.strip():
             pairs.append({"prompt": p, "chosen": final, "rejected": o, "rater": f"constitution:{chat.name}"})
     return CAIResult(demos, pairs, trace)

@@ -214,6 +214,8 @@ class HFJudge(Judge):
             from transformers import AutoModelForCausalLM
 
             model_obj = AutoModelForCausalLM.from_pretrained(resolve_model(model))
+        if model_obj.device.type == "cpu" and torch.cuda.is_available():
+            model_obj = model_obj.to("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         self.model = model_obj.eval()
         self.batch_size, self.max_length = batch_size, max_length
         self.letter_ids = {}
@@ -247,6 +249,7 @@ class HFJudge(Judge):
         import torch
 
         from tether.data.tokenize import pad_left
+        from tether.models import _accepts_logits_to_keep
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         encoded = [self._encode(c) for c in conversations]
@@ -259,7 +262,9 @@ class HFJudge(Judge):
                 ids, mask = pad_left([encoded[i] for i in rows], int(pad))
                 ids, mask = ids.to(device), mask.to(device)
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
+                extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(self.model) else {}
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                    **extra).logits[:, -1].float()
                 logp = torch.log_softmax(logits, dim=-1)
                 la = torch.logsumexp(logp[:, self.letter_ids[self.labels[0]].to(device)], dim=-1)
                 lb = torch.logsumexp(logp[:, self.letter_ids[self.labels[1]].to(device)], dim=-1)
@@ -293,8 +298,9 @@ class HTTPJudge(Judge):
 
     def read(self, response: dict) -> tuple[float, bool]:
         """P(first label) from a chat completion: the first token's top_logprobs when they
-        list a label (a label missing from the list is given the list's smallest log-prob,
-        an upper bound), else the answer's first word; (0.5, False) when neither names a label."""
+        list a label (a label missing from the list gets an upper bound: the smaller of the
+        list's smallest probability and what the list leaves over), else the answer's first
+        word; (0.5, False) when neither names a label."""
         a, b = self.labels
         choice = response["choices"][0]
         top = (((choice.get("logprobs") or {}).get("content") or [{}])[0] or {}).get("top_logprobs") or []
@@ -311,9 +317,12 @@ class HTTPJudge(Judge):
         if la > -math.inf and lb > -math.inf:
             return _two_way(la, lb), True
         if la > -math.inf or lb > -math.inf:
-            # one label is outside the top list: its log-prob is at most the list's smallest
-            floor = min(float(e["logprob"]) for e in top if isinstance(e.get("logprob"), (int, float)))
-            return _two_way(la if la > -math.inf else floor, lb if lb > -math.inf else floor), True
+            # one label is outside the top list: its probability is at most the list's
+            # smallest and at most what the list leaves over (an upper bound)
+            listed = [float(e["logprob"]) for e in top if isinstance(e.get("logprob"), (int, float))]
+            rest = 1.0 - sum(math.exp(x) for x in listed)
+            bound = min(min(listed), math.log(rest)) if rest > 0 else -math.inf
+            return _two_way(la if la > -math.inf else bound, lb if lb > -math.inf else bound), True
         text = ((choice.get("message") or {}).get("content") or "").strip()
         word = text.split()[0].strip(".,:;!\"'()[]*") if text else ""
         if word in (a, b):
@@ -335,7 +344,7 @@ def position_bias(verdicts: list[Verdict]) -> dict:
         return {"first_slot_rate": None, "consistency": None, "swap_effect": None, "comparisons": 0}
     n = len(verdicts)
     first = sum(v.p_ab + v.p_ba for v in verdicts) / (2 * n)
-    consistent = sum((v.p_ab > 0.5) == (v.p_ba < 0.5) and v.p_ab != 0.5 for v in verdicts) / n
+    consistent = sum((v.p_ab > 0.5) == (v.p_ba < 0.5) and v.p_ab != 0.5 and v.p_ba != 0.5 for v in verdicts) / n
     effect = sum(abs(v.p_ab - (1.0 - v.p_ba)) for v in verdicts) / n
     return {"first_slot_rate": first, "consistency": consistent, "swap_effect": effect, "comparisons": n}
 
@@ -353,7 +362,8 @@ def accuracy_against_gold(pairs: list[tuple[float, float, float, float]]) -> dic
         return {"pairs": 0, "swapped": None, "first_order": None}
     swapped = sum(score(0.5 * (pab + 1 - pba), gx, gy) for gx, gy, pab, pba in used) / len(used)
     first = sum(score(pab, gx, gy) for gx, gy, pab, _ in used) / len(used)
-    consistent = [(gx, gy, pab, pba) for gx, gy, pab, pba in used if (pab > 0.5) == (pba < 0.5) and pab != 0.5]
+    consistent = [(gx, gy, pab, pba) for gx, gy, pab, pba in used
+                  if (pab > 0.5) == (pba < 0.5) and pab != 0.5 and pba != 0.5]
     return {"pairs": len(used), "swapped": swapped, "first_order": first,
             "consistent_share": len(consistent) / len(used),
             "swapped_when_consistent": (sum(score(0.5 * (pab + 1 - pba), gx, gy) for gx, gy, pab, pba in consistent)
