@@ -7,6 +7,7 @@
     tether judge FILE --out DIR [--judge hf|http ...]   an AI judge ranks K responses per prompt
     tether constitution --prompts FILE --out DIR [...]  critique → revise: demonstrations and pairs
     tether serve CHECKPOINT [--port 8000]          an OpenAI-compatible chat API on localhost
+    tether label serve|import|export|add-labeler   the labeling web app for human rankings
     tether config [--preset NAME]                  every key, its value and what it does
     tether report DIR                              rebuild DIR/report.html
 """
@@ -361,6 +362,92 @@ def cmd_constitution(args, extra) -> int:
     return 0
 
 
+def cmd_label(args, extra) -> int:
+    """``tether label serve|import|export|add-labeler``: the labeling app and its database."""
+    from pathlib import Path
+
+    from tether.config import ConfigError
+    from tether.labeling.store import LabelStore, StoreError
+
+    if extra:
+        raise SystemExit(f"unexpected arguments: {extra}")
+    try:
+        if args.action == "add-labeler":
+            if not args.name:
+                raise ConfigError("tether label add-labeler NAME [--admin]")
+            token = LabelStore(args.db).add_labeler(args.name, admin=args.admin)
+            print(f"{'admin' if args.admin else 'labeler'} {args.name}: token {token}")
+            print(f"their link: http://{args.host}:{args.port}/login?token={token}  (shown once; only its hash is stored)")
+            return 0
+        if args.action == "import":
+            store = LabelStore(args.db, overlap=args.overlap)
+            if args.checkpoint:
+                groups = _sample_groups(args)
+                source = f"samples of {args.checkpoint}"
+            elif args.file:
+                groups = _read_groups(args.file)
+                source = str(args.file)
+            else:
+                raise ConfigError("tether label import FILE, or --checkpoint CKPT --prompts FILE [--k 4]")
+            n = store.add_items(groups, source=source)
+            print(f"{args.db}: {n} items added ({len(store.labelers())} labelers, each item to {store.overlap})")
+            return 0
+        if args.action == "export":
+            from tether.data.io import write_jsonl
+            from tether.labeling.app import admin_stats, export_records
+
+            out = Path(args.out or ".")
+            store = LabelStore(args.db)
+            write_jsonl(out / "rankings.jsonl", export_records(store, "rankings"))
+            write_jsonl(out / "pairs.jsonl", export_records(store, "pairs"))
+            stats = admin_stats(store)
+            a = stats["agreement"]
+            print(f"wrote {out / 'rankings.jsonl'} and {out / 'pairs.jsonl'}: {stats['progress']['labels']} labels of "
+                  f"{stats['progress']['items']} items; percent agreement {a.get('percent_agreement')}, "
+                  f"Krippendorff's alpha {a.get('krippendorff_alpha')}")
+            return 0
+        if args.action == "serve":
+            import uvicorn
+
+            from tether.labeling.app import create_app
+
+            app = create_app(args.db, overlap=args.overlap)
+            store = app.state.store
+            print(f"labeling app on http://{args.host}:{args.port}/ ({args.db}: {store.progress()['items']} items, "
+                  f"{len(store.labelers())} labelers, each item to {store.overlap})")
+            if not store.labelers():
+                print("no labelers yet: tether label add-labeler NAME [--admin] --db " + str(args.db))
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+            return 0
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
+    raise SystemExit(f"unknown action {args.action}")
+
+
+def _sample_groups(args) -> list[dict]:
+    """K samples per prompt from a checkpoint, for ``tether label import --checkpoint``."""
+    from tether.config import GenerationConfig, ModelConfig
+    from tether.data.schemas import _prompt, iter_records
+    from tether.data.tokenize import Encoder
+    from tether.engine import progress_bar
+    from tether.models import load_policy, load_tokenizer
+    from tether.rollout import generate
+    from tether.serve import resolve_checkpoint
+
+    if not args.prompts:
+        raise SystemExit("tether label import --checkpoint CKPT needs --prompts FILE (JSONL of {prompt})")
+    prompts = [_prompt(rec, where, line) for where, line, rec in iter_records(args.prompts)]
+    path = resolve_checkpoint(args.checkpoint)
+    model_cfg = ModelConfig(name=path, max_length=args.max_length, max_prompt_length=args.max_length // 2)
+    policy = load_policy(path, model_cfg, trainable=False)
+    encoder = Encoder(load_tokenizer(path), model_cfg.max_length, model_cfg.max_prompt_length)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    with progress_bar(len(prompts) * args.k, f"K={args.k} samples", unit="sample") as bar:
+        rollout = generate(policy, encoder, [q for q in prompts for _ in range(args.k)], gen, seed=args.seed,
+                           progress=bar.update)
+    return [{"prompt": q, "responses": rollout.texts[i * args.k : (i + 1) * args.k]} for i, q in enumerate(prompts)]
+
+
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", help="an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (`tether serve`)")
     p.add_argument("--api-model", help="the model name sent to the API (default: --model, else 'default')")
@@ -456,6 +543,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     _add_client_args(p)
     add_serve_parser(sub)
+    p = sub.add_parser("label", help="the labeling web app: serve it, import items, add labelers, export rankings",
+                       usage="tether label serve|import|export|add-labeler [NAME|FILE] --db labels.sqlite [...]")
+    p.add_argument("action", choices=["serve", "import", "export", "add-labeler"])
+    p.add_argument("name", nargs="?", help="add-labeler: the labeler's name; import: a JSONL of {prompt, responses}",
+                   metavar="NAME|FILE")
+    p.add_argument("--db", default="labels.sqlite", help="the SQLite database (WAL mode)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--overlap", type=int, help="labelers per item (stored in the database; default 1)")
+    p.add_argument("--admin", action="store_true", help="add-labeler: may open the admin page and export")
+    p.add_argument("--out", help="export: folder for rankings.jsonl and pairs.jsonl")
+    p.add_argument("--checkpoint", help="import: sample the K responses from this checkpoint (or zoo name)")
+    p.add_argument("--prompts", help="import --checkpoint: JSONL of {prompt}")
+    p.add_argument("--k", type=int, default=4, help="import --checkpoint: responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("report", help="rebuild a run's self-contained report.html (plots, monitor verdicts, samples)")
     p.add_argument("dir", help="run directory")
     p.add_argument("--out", help="where to write it (default: DIR/report.html)")
@@ -491,6 +595,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_judge(args, extra)
         if args.command == "constitution":
             return cmd_constitution(args, extra)
+        if args.command == "label":
+            if args.action == "import" and args.name:
+                args.file = args.name
+            else:
+                args.file = None
+            return cmd_label(args, extra)
         if args.command == "serve":
             from tether.serve import cmd_serve
 
