@@ -319,3 +319,35 @@ def test_admin_page_shows_progress_and_agreement(browser, tmp_path):
         assert "24 of 24 labels" in text and "Krippendorff" in text
         rows = page.locator("#labelers tr").all_inner_texts()
         assert any(r.startswith("ann\t12") for r in rows) and any(r.startswith("bob\t12") for r in rows)
+
+
+@pytest.mark.smoke
+def test_label_commands(tiny_path, tmp_path, capsys):
+    from tether.cli import main
+
+    db = str(tmp_path / "labels.sqlite")
+    assert main(["label", "add-labeler", "ann", "--db", db]) == 0
+    out = capsys.readouterr().out
+    token = re.search(r"token (\S+)", out).group(1)
+    assert f"/login?token={token}" in out
+    assert main(["label", "add-labeler", "ann", "--db", db]) == 2  # the name is taken
+    assert "exists already" in capsys.readouterr().err
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n")
+    assert main(["label", "import", str(items), "--db", db, "--overlap", "1"]) == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"write three words about {w}"}) + "\n" for w in ("fruits", "tools")))
+    assert main(["label", "import", "--checkpoint", tiny_path, "--prompts", str(prompts), "--k", "3", "--db", db,
+                 "--max-new-tokens", "6"]) == 0
+    store = LabelStore(db)
+    assert store.progress()["items"] == 3 and len(store.item(3)["responses"]) == 3
+    ann = store.labeler_by_token(token)["id"]
+    for ranking in ([1, 0], [2, 0, 1], [[0, 1], 2]):
+        item = store.next_item(ann)
+        store.submit(ann, item["id"], uuid.uuid4().hex, ranking=ranking)
+    assert main(["label", "export", "--db", db, "--out", str(tmp_path / "out")]) == 0
+    from tether.data.schemas import load_rankings
+
+    rs = load_rankings(tmp_path / "out" / "rankings.jsonl", allow_empty_responses=True)
+    assert [(r.order, r.tiers) for r in rs] == [([1, 0], None), ([2, 0, 1], None), ([0, 1, 2], [0, 0, 1])]
+    assert len((tmp_path / "out" / "pairs.jsonl").read_text().splitlines()) == 1 + 3 + 3

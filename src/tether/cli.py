@@ -8,6 +8,7 @@
     tether constitution --prompts FILE --out DIR [...]  critique → revise: demonstrations and pairs
     tether serve CHECKPOINT [--port 8000]          an OpenAI-compatible chat API on localhost
     tether label serve|import|export|add-labeler   the labeling web app for human rankings
+    tether flywheel [CONFIG.yaml] [--flywheel.rounds 3] [--feedback simulated|judge|app]
     tether config [--preset NAME]                  every key, its value and what it does
     tether report DIR                              rebuild DIR/report.html
 """
@@ -144,6 +145,32 @@ def cmd_run(args, extra, command: str | None = None) -> int:
     pipe = Pipeline(cfg)
     summary = pipe.run(stages)
     _print_summary(summary)
+    print(f"done in {time.time() - start:.0f}s")
+    return 0
+
+
+def cmd_flywheel(args, extra) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tether.flywheel import run_flywheel
+
+    cfg = _load(args, extra)
+    start = time.time()
+    result = run_flywheel(cfg)
+    table = Table(title=f"tether flywheel · {cfg.task.name} · feedback: {cfg.feedback}")
+    for col in ("round", "labels so far", "RM held-out accuracy", "policy gold (± s.e.)", "KL to SFT"):
+        table.add_column(col, justify="right")
+    for r in result["rounds"]:
+        acc = r["rm_heldout_accuracy"]
+        table.add_row(str(r["round"]), str(r["labels_total"]), "—" if acc is None else f"{acc:.3f}",
+                      f"{r['gold_mean']:.3f} ± {r['gold_stderr']:.3f}",
+                      "—" if r["kl_to_sft"] is None else f"{r['kl_to_sft']:.2f}")
+    console = Console()
+    console.print(table)
+    console.print(f"start: base {result['start'].get('base'):.3f}, SFT {result['start'].get('sft'):.3f}")
+    console.print(f"run directory: {result['run_dir']}  (flywheel.json)" +
+                  (f"\nreport: {result['report']}" if result.get("report") else ""))
     print(f"done in {time.time() - start:.0f}s")
     return 0
 
@@ -389,7 +416,7 @@ def cmd_label(args, extra) -> int:
                 source = str(args.file)
             else:
                 raise ConfigError("tether label import FILE, or --checkpoint CKPT --prompts FILE [--k 4]")
-            n = store.add_items(groups, source=source)
+            n = len(store.add_items(groups, source=source))
             print(f"{args.db}: {n} items added ({len(store.labelers())} labelers, each item to {store.overlap})")
             return 0
         if args.action == "export":
@@ -505,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(stage, help=f"run the '{stage}' stage (and the stages it needs)",
                             usage=f"tether {stage} [CONFIG.yaml] [--preset NAME] [--out DIR] [--section.key VALUE ...]")
         _add_run_args(sp)
+    p = sub.add_parser("flywheel", help="rounds of: label the policy's new samples → retrain the reward model → "
+                                        "improve the policy", usage="tether flywheel [CONFIG.yaml] [--preset NAME] "
+                                        "[--out DIR] [--flywheel.rounds 3] [--feedback simulated|judge|app] [...]")
+    _add_run_args(p)
     p = sub.add_parser("models", help="list or pull built-in models")
     p.add_argument("action", choices=["list", "pull"])
     p.add_argument("name", nargs="?")
@@ -595,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_judge(args, extra)
         if args.command == "constitution":
             return cmd_constitution(args, extra)
+        if args.command == "flywheel":
+            return cmd_flywheel(args, extra)
         if args.command == "label":
             if args.action == "import" and args.name:
                 args.file = args.name

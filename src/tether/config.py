@@ -170,10 +170,16 @@ class PrefsConfig:
         "none", "Items ranked by several labelers: none (each ranking trains as it is), majority (one hard pair "
                 "per pair of responses, the majority's side) or soft (one pair whose label is the share of "
                 "labelers preferring it; used by the RM loss and cDPO/IPO/SimPO).")
+    app_db: str = _f("", "feedback: app: the labeling app's database (`tether label serve --db ...`); the K "
+                         "samples become its items and the stage waits for their labels.")
+    app_quota: int = _f(0, "feedback: app: labels to wait for (0 = every item × the app's overlap).")
+    app_timeout: float = _f(0.0, "feedback: app: give up after this many seconds (0 = wait as long as it takes); "
+                                 "a rerun goes on waiting for the same items.")
     generation: GenerationConfig = _sub(GenerationConfig, "Sampling of the K responses.")
 
     def __post_init__(self) -> None:
         _check(self.k >= 2, "k", f"must be >= 2, got {self.k}")
+        _check(self.app_quota >= 0 and self.app_timeout >= 0, "app_quota", "app_quota and app_timeout must be >= 0")
         _check(self.n_prompts > 0, "n_prompts", "must be > 0")
         _check(self.n_labelers >= 1, "n_labelers", "must be >= 1")
         _check(0.0 <= self.overlap <= 1.0, "overlap", "must be in [0, 1]")
@@ -478,6 +484,16 @@ class JudgeConfig:
                f"must be two different non-empty strings (quote words YAML reads as booleans), got {self.labels!r}")
 
 
+@dataclass
+class FlywheelConfig:
+    rounds: int = _f(3, "Rounds of: sample from the current policy → label (feedback) → retrain the reward model "
+                        "on every label so far → optimise the policy from where it is. prefs.n_prompts new "
+                        "prompts per round.")
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+
+
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
@@ -492,9 +508,10 @@ class RunConfig:
     reward: str = _f("rm", "What ppo/grpo/rloo maximise: 'rm' (the reward model), 'gold' (the task's checker), "
                            "'module:function' (a Python callable (prompts, responses) -> scores), or a weighted "
                            "sum such as '0.5*gold + rm'.")
-    feedback: Literal["simulated", "judge", "file"] = _f(
+    feedback: Literal["simulated", "judge", "file", "app"] = _f(
         "simulated", "Where the preferences come from: simulated labelers (gold + Bradley-Terry noise), an AI "
-                     "judge (RLAIF; see `judge`), or a file (prefs.path; implied when prefs.path is set).")
+                     "judge (RLAIF; see `judge`), a file (prefs.path; implied when prefs.path is set), or people "
+                     "in the labeling app (prefs.app_db).")
     stages: list = _f([], "Stages to run, in order; empty = what `policy` and `reward` need, e.g. data, sft, "
                           "prefs, rm, ppo, eval.")
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
@@ -514,12 +531,15 @@ class RunConfig:
     rloo: RLOOConfig = _sub(RLOOConfig, "RLOO: G samples per prompt, leave-one-out baseline.")
     eval: EvalConfig = _sub(EvalConfig, "Held-out evaluation of every policy.")
     monitor: MonitorConfig = _sub(MonitorConfig, "Reward-hacking monitors, over-optimisation alarms, best checkpoint.")
+    flywheel: FlywheelConfig = _sub(FlywheelConfig, "`tether flywheel`: rounds of labelling the policy's samples.")
 
     def __post_init__(self) -> None:
         if self.prefs.path and self.feedback == "simulated":
             self.feedback = "file"
         _check(self.feedback != "file" or bool(self.prefs.path), "feedback",
                "'file' needs prefs.path (a JSONL file or dataset of rankings/pairs)")
+        _check(self.feedback != "app" or bool(self.prefs.app_db), "prefs.app_db",
+               "feedback 'app' needs the labeling app's database (tether label serve --db FILE)")
         _check(self.feedback != "judge" or not self.prefs.path, "feedback",
                f"'judge' labels the SFT policy's samples, but prefs.path is set ({self.prefs.path}); use one")
         _check(self.feedback != "judge" or self.judge.kind != "http" or bool(self.judge.base_url), "judge.base_url",

@@ -59,6 +59,11 @@ class Pipeline:
         self._tokenizer = None
         self._rm = None  # the reward model reward_fn loaded (the monitor reads its heads)
         self._rm_cache = None  # (rollout, its scores): the last rollout the reward model scored
+        # flywheel rounds (tether.flywheel) set these; a plain run leaves them alone
+        self.sampler: str | None = None  # the checkpoint whose samples are labelled (default: SFT)
+        self.start: str | None = None  # where the policy stage starts (default: SFT; the reference stays SFT)
+        self.carried_labels: list[Path] = []  # earlier rounds' labels.jsonl, trained on with this round's
+        self.round: int = 0  # picks this round's prompts and sampling seed
 
     # ------------------------------------------------------------------ helpers
     def stage_dir(self, stage: str) -> Path:
@@ -399,9 +404,9 @@ class Pipeline:
                 judge = make_judge(self.cfg.judge, self.cfg.model.name)
             except ValueError as exc:
                 raise ConfigError(f"judge: {exc}") from None
-        seed = self._seed(3)
+        seed = self._seed(3) + 7919 * self.round
         rng = random.Random(seed)
-        policy = self.frozen_policy(self.checkpoint("sft"))
+        policy = self.frozen_policy(self.sampler or self.checkpoint("sft"))
         train = self.train_prompts()
         prompts = [train[i % len(train)] for i in rng.sample(range(max(len(train), p.n_prompts)), p.n_prompts)]
         heldout = self.task.heldout_prompts()[: p.heldout_prompts]
@@ -424,6 +429,9 @@ class Pipeline:
                   "sample_gold_mean": sum(gold_all) / len(gold_all)}
         if self.cfg.feedback == "judge":
             rankings, extra = self._judge_rankings(folder, groups, judge)
+            return {**common, **self._write_rankings(folder, rankings), **extra}
+        if self.cfg.feedback == "app":
+            rankings, extra = self._app_rankings(groups)
             return {**common, **self._write_rankings(folder, rankings), **extra}
 
         gaps = [abs(g["gold"][i] - g["gold"][j]) for g in groups for i in range(p.k) for j in range(i + 1, p.k)]
@@ -483,16 +491,48 @@ class Pipeline:
         from tether.data.schemas import ranking_record, rankings_to_pairs
         from tether.feedback.aggregate import aggregate_rankings, agreement_stats
 
-        train = aggregate_rankings(rankings, self.cfg.prefs.aggregate)
         write_jsonl(folder / "labels.jsonl", [ranking_record(r) for r in rankings])
+        carried = [r for path in self.carried_labels for r in load_rankings(path, allow_empty_responses=True)]
+        rankings = carried + list(rankings)
+        train = aggregate_rankings(rankings, self.cfg.prefs.aggregate)
         write_jsonl(folder / "rankings.jsonl", [ranking_record(r) for r in train])
         pairs = rankings_to_pairs(train)
         write_jsonl(folder / "pairs.jsonl", pairs)
         stats = agreement_stats(rankings)
-        return {"labels": len(rankings), "rankings": len(train), "pairs": len(pairs),
+        return {"labels": len(rankings) - len(carried), "labels_carried": len(carried), "rankings": len(train),
+                "pairs": len(pairs),
                 "aggregate": self.cfg.prefs.aggregate,
                 "agreement": {k: v for k, v in stats.items() if k != "raters"},
                 "rater_quality": stats["raters"]}
+
+    def _app_rankings(self, groups: list[dict]) -> tuple[list[Ranking], dict]:
+        """People label: the samples become items of the labeling app (``prefs.app_db``) and
+        the stage waits until ``prefs.app_quota`` labels of them are in. A rerun finds the
+        items it imported (tagged with the run folder and round) and goes on waiting."""
+        from tether.engine import progress_bar
+        from tether.labeling.store import LabelStore
+
+        p = self.cfg.prefs
+        store = LabelStore(p.app_db)
+        tag = f"{self.dir.resolve()}#round{self.round}"
+        ids = store.item_ids(tag) or store.add_items(groups, source=tag)
+        quota = p.app_quota or len(ids) * store.overlap
+        _say(f"waiting for {quota} labels of {len(ids)} items in {p.app_db} (`tether label serve --db {p.app_db}`)")
+        start, done = time.time(), store.label_count(ids)
+        with progress_bar(quota, "labels from the app", unit="label") as bar:
+            bar.update(min(done, quota))
+            while done < quota:
+                if p.app_timeout and time.time() - start > p.app_timeout:
+                    raise RuntimeError(f"{p.app_db}: {done} of {quota} labels after {p.app_timeout:.0f} s; run again "
+                                       f"to keep waiting (the items stay), or lower prefs.app_quota")
+                time.sleep(min(5.0, max(0.2, p.app_timeout / 20 if p.app_timeout else 5.0)))
+                now = store.label_count(ids)
+                bar.update(min(now, quota) - min(done, quota))
+                done = now
+        wanted = set(ids)
+        rankings = [r for r in store.rankings() if r.meta.get("item") in wanted]
+        return rankings, {"source": f"app ({p.app_db})", "app_items": len(ids), "app_quota": quota,
+                          "app_wait_seconds": round(time.time() - start, 1)}
 
     def _judge_rankings(self, folder: Path, groups: list[dict], judge) -> tuple[list[Ranking], dict]:
         """RLAIF: the AI judge ranks each group (every pair asked in both orders); its
@@ -595,8 +635,13 @@ class Pipeline:
         cfg = self.cfg
         seed = self._seed(5)
         encoder = self.encoder()
-        policy = load_policy(self.checkpoint("sft"), cfg.model, cfg.lora)
-        reference = None if cfg.lora.enabled else frozen_copy(policy)
+        policy = load_policy(self.start or self.checkpoint("sft"), cfg.model, cfg.lora)
+        if cfg.lora.enabled:
+            reference = None  # the adapters disabled: the starting policy
+        elif self.start:  # a flywheel round: the policy goes on from the last round, tethered to SFT
+            reference = load_policy(self.checkpoint("sft"), cfg.model, trainable=False)
+        else:
+            reference = frozen_copy(policy)
         if cfg.ppo.critic == "head":
             from tether.algorithms.ppo import ValueHead
 

@@ -149,14 +149,33 @@ class LabelStore:
             return [dict(r) for r in db.execute("SELECT id, name, is_admin FROM labelers ORDER BY id")]
 
     # ------------------------------------------------------------------ items
-    def add_items(self, records: list[dict], source: str = "") -> int:
-        """Add ``{prompt, responses, gold?}`` records (already validated); returns how many."""
+    def add_items(self, records: list[dict], source: str = "") -> list[int]:
+        """Add ``{prompt, responses, gold?}`` records (already validated); returns their ids.
+        Gold, when given, is kept for the record and never shown to labelers."""
         now = time.time()
+        ids = []
         with self._db(write=True) as db:
-            db.executemany("INSERT INTO items (prompt, responses, gold, source, created) VALUES (?, ?, ?, ?, ?)",
-                           [(json.dumps(r["prompt"], ensure_ascii=False), json.dumps(r["responses"], ensure_ascii=False),
-                             None if r.get("gold") is None else json.dumps(r["gold"]), source, now) for r in records])
-        return len(records)
+            for r in records:
+                cur = db.execute("INSERT INTO items (prompt, responses, gold, source, created) VALUES (?, ?, ?, ?, ?)",
+                                 (json.dumps(r["prompt"], ensure_ascii=False),
+                                  json.dumps(r["responses"], ensure_ascii=False),
+                                  None if r.get("gold") is None else json.dumps(r["gold"]), source, now))
+                ids.append(cur.lastrowid)
+        return ids
+
+    def item_ids(self, source: str) -> list[int]:
+        """The ids of the items imported with this ``source`` tag."""
+        with self._db() as db:
+            return [r[0] for r in db.execute("SELECT id FROM items WHERE source = ? ORDER BY id", (source,))]
+
+    def label_count(self, item_ids: list[int]) -> int:
+        """Labels (not skips) of these items."""
+        if not item_ids:
+            return 0
+        with self._db() as db:
+            marks = ",".join("?" * len(item_ids))
+            return int(db.execute(f"SELECT COUNT(*) FROM labels WHERE skipped = 0 AND item_id IN ({marks})",
+                                  item_ids).fetchone()[0])
 
     def _item(self, row) -> dict:
         return {"id": row["id"], "prompt": json.loads(row["prompt"]), "responses": json.loads(row["responses"]),
