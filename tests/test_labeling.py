@@ -26,8 +26,65 @@ def _items(n, k=3, prefix="p"):
 # ----------------------------------------------------------------------------- the store
 
 
-def test_scheduling_overlap_and_no_item_twice(tmp_path):
-    store = LabelStore(tmp_path / "l.sqlite", overlap=2)
+@pytest.fixture(scope="module")
+def postgres_server():
+    """A throwaway PostgreSQL server (Debian's postgresql package), or a skip."""
+    import glob
+    import os
+    import socket
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    pytest.importorskip("psycopg")
+    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not initdb:
+        pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql)")
+    bindir = Path(initdb[-1]).parent
+    run = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user")
+        run = ["runuser", "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="tether-pg-"))
+    root.chmod(0o755)
+    if run:
+        shutil.chown(root, "postgres", "postgres")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data, log = root / "data", root / "log"
+    subprocess.run(run + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tether"], check=True,
+                   capture_output=True)
+    subprocess.run(run + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
+                          f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://tether@127.0.0.1:{port}"
+    finally:
+        subprocess.run(run + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """A fresh labeling database: a SQLite file, or a new database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "l.sqlite")
+    import psycopg
+
+    server = request.getfixturevalue("postgres_server")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{server}/{name}"
+
+
+def test_scheduling_overlap_and_no_item_twice(db_url):
+    store = LabelStore(db_url, overlap=2)
     tokens = [store.add_labeler(n) for n in ("ann", "bob", "cy")]
     ids = [store.labeler_by_token(t)["id"] for t in tokens]
     store.add_items(_items(3))
@@ -50,8 +107,8 @@ def test_scheduling_overlap_and_no_item_twice(tmp_path):
     assert store.progress()["items_complete"] == 3
 
 
-def test_submissions_are_idempotent_and_checked(tmp_path):
-    store = LabelStore(tmp_path / "l.sqlite")
+def test_submissions_are_idempotent_and_checked(db_url):
+    store = LabelStore(db_url)
     ann = store.labeler_by_token(store.add_labeler("ann"))["id"]
     bob = store.labeler_by_token(store.add_labeler("bob"))["id"]
     store.add_items(_items(2))
@@ -184,15 +241,15 @@ def test_export_matches_the_labels(app_and_tokens, tmp_path):
     assert {row["name"]: row["labels"] for row in stats["labelers"]} == {"ann": 4, "bob": 4, "boss": 0}
 
 
-def test_twenty_labelers_at_once_over_http(tmp_path):
+def test_twenty_labelers_at_once_over_http(db_url):
     """20 labelers × 50 labels, all at once, each submitted twice (a double click): every
-    label stored exactly once, none lost, no error."""
+    label stored exactly once, none lost, no error — on SQLite and on PostgreSQL."""
     import httpx
 
     from tether.labeling.app import create_app
     from tether.serve import serve_in_thread
 
-    app = create_app(str(tmp_path / "l.sqlite"), overlap=3)
+    app = create_app(db_url, overlap=3)
     store = app.state.store
     tokens = [store.add_labeler(f"labeler-{i:02d}") for i in range(20)]
     store.add_items(_items(400, k=4))
