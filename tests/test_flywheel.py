@@ -39,18 +39,33 @@ def test_flywheel_with_simulated_labelers_raises_gold_round_after_round(tiny_bas
     assert [r["labels_total"] for r in rounds] == [r["labels_new"] * (i + 1) for i, r in enumerate(rounds)]
     gold = [r["gold_mean"] for r in rounds]
     se = [r["gold_stderr"] for r in rounds]
-    assert gold[0] > result["start"]["sft"]
     assert gold[1] > gold[0] and gold[2] > gold[1]
     assert gold[2] - gold[0] > 2 * math.sqrt(se[0] ** 2 + se[2] ** 2)
+    assert gold[2] > result["start"]["sft"] + 2 * se[2]
     # the later rounds label the better policy's samples
     assert rounds[2]["sample_gold_mean"] > rounds[0]["sample_gold_mean"]
     on_disk = json.loads((tmp_path / "flywheel.json").read_text())
     assert on_disk["rounds"][-1]["gold_mean"] == gold[2]
     page = (tmp_path / "report.html").read_text()
     assert "<svg" in page and "round-3/report.html" in page
-    # a second run finds every round done
+    # a second run finds every round done and runs none of them again
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("round-*/*/stage.json")}
     again = run_flywheel(cfg)
     assert [r["gold_mean"] for r in again["rounds"]] == gold
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("round-*/*/stage.json")} == stamps and len(stamps) == 18
+    # rounds take successive slices of the shuffled prompts (wrapping: 800 per round, fewer prompts)
+    firsts = [json.loads((tmp_path / f"round-{r}" / "prefs" / "samples.jsonl").read_text().splitlines()[0])["prompt"]
+              for r in (1, 2)]
+    assert firsts[0] != firsts[1]
+
+
+def test_the_flywheel_refuses_a_fixed_preference_file(tmp_path):
+    from tether.config import ConfigError, load_config
+    from tether.flywheel import run_flywheel
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(ConfigError, match="flywheel labels each round"):
+        run_flywheel(load_config(preset="tiny", overrides=[f"out={tmp_path}", f"prefs.path={tmp_path / 'p.jsonl'}"]))
 
 
 def test_people_label_in_the_app_while_the_run_waits(tiny_base, tmp_path):

@@ -9,6 +9,7 @@ import re
 import shutil
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import pytest
@@ -129,8 +130,33 @@ def test_submissions_are_idempotent_and_checked(db_url):
         store.submit(ann, other, "click-0005", ranking=[0, 1, 2], rubric={"helpful": 9})
     with pytest.raises(StoreError, match="rubric"):
         store.submit(ann, other, "click-0006", ranking=[0, 1, 2], rubric={"funny": 3})
+    with pytest.raises(StoreError, match="seconds"):
+        store.submit(ann, other, "click-0007", ranking=[0, 1, 2], seconds=float("inf"))
+    with pytest.raises(StoreError, match="used already"):  # a submission id of another item
+        store.submit(ann, other, "click-0001", ranking=[0, 1, 2])
     [r] = store.rankings()
     assert (r.order, r.tiers, r.rater) == ([2, 0, 1], [0, 1, 1], "ann")
+
+
+def test_a_lapsed_turn_does_not_overfill_an_item(tmp_path, monkeypatch):
+    import time
+
+    from tether.labeling import store as store_module
+
+    store = LabelStore(tmp_path / "l.sqlite", overlap=2)
+    a, b, c = (store.labeler_by_token(store.add_labeler(n))["id"] for n in ("a", "b", "c"))
+    store.add_items(_items(1))
+    assert store.next_item(a)["id"] == 1
+    assert store.next_item(b)["id"] == 1 and store.next_item(c) is None  # a's and b's turns fill it
+    monkeypatch.setattr(store_module, "ASSIGNMENT_TTL", 0.05)
+    time.sleep(0.1)  # a walks away; their turn lapses and c gets the item
+    assert store.next_item(c)["id"] == 1
+    store.submit(b, 1, "b-00000001", ranking=[0, 1, 2])
+    store.submit(c, 1, "c-00000001", ranking=[1, 0, 2])
+    assert store.next_item(a) is None  # full now: a is not given it again
+    with pytest.raises(StoreError, match="has its 2 labels already"):
+        store.submit(a, 1, "a-00000001", ranking=[0, 1, 2])
+    assert len(store.labels()) == 2
 
 
 # ----------------------------------------------------------------------------- the API
@@ -164,14 +190,14 @@ def test_tokens_csrf_and_other_labelers_items_are_refused(app_and_tokens):
     assert c.get("/login?token=wrong").status_code == 401
     assert c.get("/admin", headers=_bearer(tok["ann"])).status_code == 403
     assert c.get("/api/admin/export", headers=_bearer(tok["ann"])).status_code == 403
+    LabelStore(app.state.store.path, overlap=1)  # one labeler per item: ann's item is hers alone
     item = c.get("/api/next", headers=_bearer(tok["ann"])).json()["item"]
     assert "gold" not in item
-    # bob may not label an item that was given to ann only (overlap 2 lets bob have it too, so
-    # take a third labeler's view: an item nobody gave bob)
-    other = [i for i in range(1, 5) if i != item["id"]]
-    r = c.post("/api/labels", headers=_bearer(tok["bob"]), json={"item_id": other[-1], "submission": "bob-00001",
-                                                                    "ranking": [0, 1, 2]})
+    assert c.get("/api/next", headers=_bearer(tok["bob"])).json()["item"]["id"] != item["id"]
+    r = c.post("/api/labels", headers=_bearer(tok["bob"]), json={"item_id": item["id"], "submission": "bob-00001",
+                                                                    "ranking": list(range(len(item["responses"])))})
     assert r.status_code == 403 and "not given to you" in r.json()["error"]
+    assert c.post("/api/labels", headers={**_bearer(tok["ann"])}, content=b"not json").status_code == 400
     body = {"item_id": item["id"], "submission": "ann-000001", "ranking": [1, 0, 2], "rubric": {"honest": 5}}
     if len(item["responses"]) == 3:
         body["ranking"] = [2, [0, 1]]
@@ -205,7 +231,7 @@ def test_model_output_is_data_never_markup(app_and_tokens):
     item = c.get("/api/next", headers=_bearer(tok["ann"])).json()["item"]
     assert item["responses"][:2] == XSS  # returned as JSON strings, untouched
     page = c.get("/label", headers=_bearer(tok["ann"]))
-    assert "<script>window.__pwned" not in page.text and "onerror" not in page.text
+    assert "<script>window.__pwned" not in page.text  # items reach the page only as JSON
     js = resources.files("tether.labeling").joinpath("static", "label.js").read_text()
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "document.write" not in js
     admin_js = resources.files("tether.labeling").joinpath("static", "admin.js").read_text()
@@ -263,8 +289,10 @@ def test_twenty_labelers_at_once_over_http(db_url):
                 for _ in range(50):
                     item = c.get("/api/next").json()["item"]
                     body = {"item_id": item["id"], "submission": uuid.uuid4().hex, "ranking": [3, 1, [0, 2]]}
-                    codes = [c.post("/api/labels", json=body).status_code for _ in range(2)]
-                    if codes != [201, 200]:
+                    # the same submission twice, both in flight at once (a double click on a slow line)
+                    with ThreadPoolExecutor(2) as pool:
+                        codes = sorted(pool.map(lambda _: c.post("/api/labels", json=body).status_code, range(2)))
+                    if codes != [200, 201]:
                         errors.append(codes)
                     stored.append((token, item["id"]))
         except Exception as exc:  # noqa: BLE001 - the test reports it
@@ -316,6 +344,7 @@ def test_a_labeler_ranks_with_mouse_and_keyboard_and_the_export_matches(browser,
     store.add_items([{"prompt": "first <b>prompt</b>", "responses": XSS + ["plain answer"]}])
     store.add_items([{"prompt": "second prompt", "responses": ["alpha", "beta", "gamma", "delta"]}])
     store.add_items([{"prompt": "third prompt", "responses": ["one", "two", "three"]}])
+    store.add_items([{"prompt": "fourth prompt", "responses": ["yes", "no"]}])
     with serve_in_thread(app) as url:
         base = url.removesuffix("/v1")
         page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -342,14 +371,17 @@ def test_a_labeler_ranks_with_mouse_and_keyboard_and_the_export_matches(browser,
         for key in ("4", "2", "1", "3", "t", "Backspace", "3", "t", "Enter"):
             page.keyboard.press(key)
         expect(page.locator("#prompt")).to_have_text("third prompt")
-        page.keyboard.press("s")  # skip the third
+        page.locator("#skip").dblclick()  # a double click on Skip skips one item, not two
+        expect(page.locator("#prompt")).to_have_text("fourth prompt")
+        page.keyboard.press("s")
         page.wait_for_selector("#done:not([hidden])")
         assert dialogs == []
     records = export_records(store, "rankings")
     assert [r["ranking"] for r in records] == [[2, [0, 1]], [3, 1, [0, 2]]]
     labels = store.labels(include_skipped=True)
-    assert len(labels) == 3 and labels[0]["rubric"] == {"helpful": 4} and labels[0]["comment"] == "markup in the answers"
-    assert labels[2]["skipped"]
+    assert len(labels) == 4 and labels[0]["rubric"] == {"helpful": 4} and labels[0]["comment"] == "markup in the answers"
+    assert [lab["skipped"] for lab in labels] == [False, False, True, True]
+    assert [lab["item_id"] for lab in labels] == [1, 2, 3, 4]
 
 
 @pytest.mark.smoke

@@ -8,7 +8,8 @@
     DIR/report.html      gold and reward-model accuracy per round, and each round's own report
 
 Round r samples K responses per prompt from the current policy (round 1: the SFT policy)
-for new prompts, gets them labelled by ``feedback`` (simulated labelers, an AI judge, or
+for the next ``prefs.n_prompts`` of the training prompts (shuffled once; rounds take
+successive slices, wrapping round when they run out, with fresh samples), gets them labelled by ``feedback`` (simulated labelers, an AI judge, or
 people in the labeling app), trains the reward model on every label so far, and runs the
 policy stage starting from the current policy, tethered by the KL penalty to the SFT
 policy. Finished rounds are kept and skipped on the next run, like stages.
@@ -36,10 +37,13 @@ def _say(msg: str) -> None:
 def run_flywheel(cfg: RunConfig, out_dir: str | Path | None = None) -> dict:
     from tether.pipeline import Pipeline
 
-    if cfg.policy != "ppo":
-        from tether.config import ConfigError
+    from tether.config import ConfigError
 
+    if cfg.policy != "ppo":
         raise ConfigError("policy: the flywheel retrains a reward model each round, so it runs ppo")
+    if cfg.feedback == "file":
+        raise ConfigError("feedback: the flywheel labels each round's new samples (simulated, judge or app); a fixed "
+                          "file (prefs.path) has nothing new to say about them")
     fw = cfg.flywheel
     root = Path(out_dir or cfg.out or f"runs/{cfg.preset}-flywheel")
     root.mkdir(parents=True, exist_ok=True)
@@ -52,9 +56,12 @@ def run_flywheel(cfg: RunConfig, out_dir: str | Path | None = None) -> dict:
         folder = root / f"round-{r}"
         _say(f"[bold]◆ flywheel round {r} of {fw.rounds}[/bold]")
         folder.mkdir(exist_ok=True)
-        for stage in ("data", "sft"):  # shared: the round reads them as its own
+        for stage in ("data", "sft"):  # shared: the round reads them as its own (copied whole, then renamed)
             if not (folder / stage).exists():
-                shutil.copytree(root / "base" / stage, folder / stage)
+                tmp = folder / f".{stage}-copy"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(root / "base" / stage, tmp)
+                tmp.rename(folder / stage)
         pipe = Pipeline(copy.deepcopy(cfg), folder)
         pipe.round = r
         pipe.sampler = policy

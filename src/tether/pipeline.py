@@ -408,7 +408,16 @@ class Pipeline:
         rng = random.Random(seed)
         policy = self.frozen_policy(self.sampler or self.checkpoint("sft"))
         train = self.train_prompts()
-        prompts = [train[i % len(train)] for i in rng.sample(range(max(len(train), p.n_prompts)), p.n_prompts)]
+        if self.round:  # a flywheel round: the next slice of the prompts, shuffled once for all rounds
+            order = list(range(len(train)))
+            random.Random(self.cfg.seed * 1000 + 3).shuffle(order)
+            first = (self.round - 1) * p.n_prompts
+            prompts = [train[order[(first + i) % len(train)]] for i in range(p.n_prompts)]
+            if self.round * p.n_prompts > len(train):
+                _say(f"[yellow]note: round {self.round} re-uses prompts: {len(train)} training prompts, "
+                     f"{p.n_prompts} per round (the samples are new)[/yellow]")
+        else:
+            prompts = [train[i % len(train)] for i in rng.sample(range(max(len(train), p.n_prompts)), p.n_prompts)]
         heldout = self.task.heldout_prompts()[: p.heldout_prompts]
 
         def sample_groups(plist: list, s: int, desc: str) -> list[dict]:
@@ -518,7 +527,7 @@ class Pipeline:
         ids = store.item_ids(tag) or store.add_items(groups, source=tag)
         quota = p.app_quota or len(ids) * store.overlap
         _say(f"waiting for {quota} labels of {len(ids)} items in {p.app_db} (`tether label serve --db {p.app_db}`)")
-        start, done = time.time(), store.label_count(ids)
+        start, done = time.time(), store.label_count(tag)
         with progress_bar(quota, "labels from the app", unit="label") as bar:
             bar.update(min(done, quota))
             while done < quota:
@@ -526,7 +535,7 @@ class Pipeline:
                     raise RuntimeError(f"{p.app_db}: {done} of {quota} labels after {p.app_timeout:.0f} s; run again "
                                        f"to keep waiting (the items stay), or lower prefs.app_quota")
                 time.sleep(min(5.0, max(0.2, p.app_timeout / 20 if p.app_timeout else 5.0)))
-                now = store.label_count(ids)
+                now = store.label_count(tag)
                 bar.update(min(now, quota) - min(done, quota))
                 done = now
         wanted = set(ids)
@@ -636,10 +645,11 @@ class Pipeline:
         seed = self._seed(5)
         encoder = self.encoder()
         policy = load_policy(self.start or self.checkpoint("sft"), cfg.model, cfg.lora)
-        if cfg.lora.enabled:
-            reference = None  # the adapters disabled: the starting policy
-        elif self.start:  # a flywheel round: the policy goes on from the last round, tethered to SFT
+        if self.start:  # a flywheel round: the policy goes on from the last round, tethered to SFT
+            # (under LoRA too: the adapters disabled would be the last round's merged policy)
             reference = load_policy(self.checkpoint("sft"), cfg.model, trainable=False)
+        elif cfg.lora.enabled:
+            reference = None  # the adapters disabled: the SFT policy, no second copy
         else:
             reference = frozen_copy(policy)
         if cfg.ppo.critic == "head":

@@ -1,7 +1,7 @@
 """The labeling app (FastAPI): labeling page, admin page and their JSON API.
 
 Authentication: each labeler has a personal token (``tether label add-labeler NAME``).
-Opening ``/login?token=…`` sets an HttpOnly, SameSite=Strict cookie and redirects to the
+Opening ``/login?token=…`` sets an HttpOnly, SameSite=Lax cookie and redirects to the
 page, so the token leaves the address bar. Scripts may instead send ``Authorization:
 Bearer <token>``. Cookie-authenticated writes must carry the page's CSRF token in an
 ``X-CSRF-Token`` header (an HMAC of the session, checked in constant time); bearer
@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import secrets
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 from tether.labeling.store import LabelStore, NotAssigned, StoreError, hash_token
@@ -38,7 +38,7 @@ def _asset(name: str) -> str:
 
 def create_app(db: str, *, overlap: int | None = None, secret: str | None = None) -> FastAPI:
     store = LabelStore(db, overlap=overlap)
-    key = (secret or secrets.token_hex(32)).encode()
+    key = (secret or store.secret()).encode()
     app = FastAPI(title="Tether labeling", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
 
@@ -61,8 +61,8 @@ def create_app(db: str, *, overlap: int | None = None, secret: str | None = None
         if admin and not who["is_admin"]:
             return None, _error(403, "the admin token is needed here")
         if write and via_cookie:
-            sent = request.headers.get("x-csrf-token", "")
-            if not hmac.compare_digest(sent, csrf_for(token)):
+            sent = request.headers.get("x-csrf-token", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(sent, csrf_for(token).encode()):
                 return None, _error(403, "missing or wrong CSRF token")
         return (who | {"token": token}), None
 
@@ -76,13 +76,16 @@ def create_app(db: str, *, overlap: int | None = None, secret: str | None = None
         return RedirectResponse("/label", status_code=303)
 
     @app.get("/login")
-    def login(token: str = ""):
+    def login(request: Request, token: str = ""):
         who = store.labeler_by_token(token)
         if who is None:
             return HTMLResponse("<!doctype html><title>Tether labeling</title><p>Unknown or missing token. "
                                 "Ask for your personal link.</p>", status_code=401)
         resp = RedirectResponse("/admin" if who["is_admin"] else "/label", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
+        # Lax, not Strict: a personal link opened from mail or chat is a cross-site navigation,
+        # and a Strict cookie would not follow its redirect. Writes need the CSRF header anyway.
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="lax", max_age=30 * 24 * 3600,
+                        secure=request.url.scheme == "https")
         return resp
 
     @app.get("/logout")
@@ -131,8 +134,8 @@ def create_app(db: str, *, overlap: int | None = None, secret: str | None = None
         if not isinstance(body, dict) or not isinstance(body.get("item_id"), int):
             return _error(400, "item_id (an integer) is required")
         try:
-            label, created = store.submit(
-                who["id"], body["item_id"], body.get("submission"), ranking=body.get("ranking"),
+            label, created = await run_in_threadpool(  # the database waits off the event loop
+                store.submit, who["id"], body["item_id"], body.get("submission"), ranking=body.get("ranking"),
                 rubric=body.get("rubric"), comment=body.get("comment") or "", skipped=bool(body.get("skipped")),
                 seconds=body.get("seconds") if isinstance(body.get("seconds"), (int, float)) else None)
         except NotAssigned as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import sqlite3
 import time
@@ -206,14 +207,21 @@ class LabelStore:
             return [int(r["id"]) for r in db.execute("SELECT id FROM items WHERE source = ? ORDER BY id",
                                                      (source,)).fetchall()]
 
-    def label_count(self, item_ids: list[int]) -> int:
-        """Labels (not skips) of these items."""
-        if not item_ids:
-            return 0
+    def label_count(self, source: str) -> int:
+        """Labels (not skips) of the items imported with this ``source`` tag."""
         with self._db() as db:
-            marks = ",".join("?" * len(item_ids))
-            return int(db.execute(f"SELECT COUNT(*) AS n FROM labels WHERE skipped = 0 AND item_id IN ({marks})",
-                                  list(item_ids)).fetchone()["n"])
+            return int(db.execute("SELECT COUNT(*) AS n FROM labels l JOIN items i ON i.id = l.item_id "
+                                  "WHERE l.skipped = 0 AND i.source = ?", (source,)).fetchone()["n"])
+
+    def secret(self) -> str:
+        """This database's key for CSRF tokens (made once, so a restarted server's pages still work)."""
+        with self._db(write=True) as db:
+            row = db.execute("SELECT value FROM settings WHERE key = 'csrf_key'").fetchone()
+            if row:
+                return row["value"]
+            key = secrets.token_hex(32)
+            db.execute("INSERT INTO settings (key, value) VALUES ('csrf_key', ?)", (key,))
+            return key
 
     def _item(self, row) -> dict:
         return {"id": row["id"], "prompt": json.loads(row["prompt"]), "responses": json.loads(row["responses"]),
@@ -229,10 +237,14 @@ class LabelStore:
         them; None when nothing is left for them."""
         now = time.time()
         with self._db(write=True) as db:
-            row = db.execute(
+            row = db.execute(  # their own open assignment, while it is fresh
                 """SELECT i.* FROM items i JOIN assignments a ON a.item_id = i.id AND a.labeler_id = ?
-                   WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.labeler_id = ?)
-                   ORDER BY a.served LIMIT 1""", (labeler_id, labeler_id)).fetchone()
+                   WHERE a.served > ?
+                     AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.labeler_id = ?)
+                   ORDER BY a.served LIMIT 1""", (labeler_id, now - ASSIGNMENT_TTL, labeler_id)).fetchone()
+            if row is not None:
+                db.execute("UPDATE assignments SET served = ? WHERE item_id = ? AND labeler_id = ?",
+                           (now, row["id"], labeler_id))
             if row is None:
                 row = db.execute(
                     """SELECT * FROM (
@@ -269,15 +281,25 @@ class LabelStore:
             rubric = _check_rubric(rubric)
         if not isinstance(comment, str) or len(comment) > 4000:
             raise StoreError("comment must be text of at most 4000 characters")
+        if seconds is not None and not (isinstance(seconds, (int, float)) and math.isfinite(seconds)
+                                        and 0 <= seconds <= 86400):
+            raise StoreError(f"seconds must be a number in [0, 86400], got {seconds!r}")
         with self._db(write=True) as db:
             old = db.execute("SELECT * FROM labels WHERE submission = ?", (submission,)).fetchone()
             if old is not None:
-                if old["labeler_id"] != labeler_id:
-                    raise StoreError("that submission id belongs to another labeler")
+                if old["labeler_id"] != labeler_id or old["item_id"] != item_id:
+                    raise StoreError("that submission id was used already for another label")
                 return _label(old), False
-            if not db.execute("SELECT 1 FROM assignments WHERE item_id = ? AND labeler_id = ?",
-                              (item_id, labeler_id)).fetchone():
+            given = db.execute("SELECT served FROM assignments WHERE item_id = ? AND labeler_id = ?",
+                               (item_id, labeler_id)).fetchone()
+            if not given:
                 raise NotAssigned(f"item {item_id} was not given to you")
+            if given["served"] <= time.time() - ASSIGNMENT_TTL and not skipped:
+                # the assignment lapsed: the others may have filled the item meanwhile
+                n = db.execute("SELECT COUNT(*) AS n FROM labels WHERE item_id = ? AND skipped = 0",
+                               (item_id,)).fetchone()["n"]
+                if n >= self.overlap:
+                    raise StoreError(f"item {item_id} has its {self.overlap} labels already (your turn lapsed)")
             if db.execute("SELECT 1 FROM labels WHERE item_id = ? AND labeler_id = ?",
                           (item_id, labeler_id)).fetchone():
                 raise StoreError(f"item {item_id} is labelled by you already")

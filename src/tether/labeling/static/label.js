@@ -5,6 +5,7 @@
   const csrf = document.querySelector('meta[name="csrf"]').content;
   const RUBRIC = [["helpful", "Helpful"], ["honest", "Honest"], ["harmless", "Harmless"], ["concise", "Concise"]];
   const $ = (id) => document.getElementById(id);
+  const DRAG_TYPE = "application/x-tether-response";
   let item = null, ranked = [], submission = null, started = 0, busy = false;
 
   function el(tag, cls, text) {
@@ -31,7 +32,12 @@
     const body = await r.json();
     showProgress(body.progress);
     item = body.item;
-    if (!item) { $("main").hidden = true; $("done").hidden = false; return; }
+    if (!item) {  // nothing now: look again now and then (new items, or a lapsed turn of someone else)
+      $("main").hidden = true; $("done").hidden = false;
+      setTimeout(load, 15000);
+      return;
+    }
+    $("main").hidden = false; $("done").hidden = true;
     ranked = [];
     submission = newSubmissionId();
     started = performance.now();
@@ -69,6 +75,7 @@
     }
     li.appendChild(el("div", "text", item.responses[idx]));
     li.addEventListener("dragstart", (ev) => {
+      ev.dataTransfer.setData(DRAG_TYPE, String(idx));
       ev.dataTransfer.setData("text/plain", String(idx));
       ev.dataTransfer.effectAllowed = "move";
     });
@@ -84,19 +91,29 @@
     item.responses.forEach((_, idx) => { if (!inRank.has(idx)) pool.appendChild(card(idx)); });
     ranked.forEach((e, pos) => list.appendChild(card(e.idx, pos)));
     $("submit").disabled = busy || ranked.length !== item.responses.length;
+    $("skip").disabled = busy;
+    $("undo").disabled = busy || !ranked.length;
+  }
+
+  // a response that moves or leaves loses its tie, and so does the one that was tied to it
+  function detach(pos) {
+    if (pos + 1 < ranked.length) ranked[pos + 1].tie = false;
+    ranked[pos].tie = false;
   }
 
   function rank(idx, at) {
     if (!item || idx < 0 || idx >= item.responses.length) return;
     const old = ranked.findIndex((e) => e.idx === idx);
     let entry = {idx: idx, tie: false};
-    if (old >= 0) { entry = ranked[old]; ranked.splice(old, 1); if (at !== undefined && old < at) at -= 1; }
+    if (old >= 0) { detach(old); entry = ranked[old]; ranked.splice(old, 1); if (at !== undefined && old < at) at -= 1; }
     if (at === undefined || at > ranked.length) ranked.push(entry); else ranked.splice(at, 0, entry);
     if (ranked.length) ranked[0].tie = false;
     render();
   }
 
   function unrank(idx) {
+    const pos = ranked.findIndex((e) => e.idx === idx);
+    if (pos >= 0) detach(pos);
     ranked = ranked.filter((e) => e.idx !== idx);
     if (ranked.length) ranked[0].tie = false;
     render();
@@ -135,7 +152,7 @@
     try {
       const r = await fetch("/api/labels", {method: "POST", credentials: "same-origin",
         headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf}, body: JSON.stringify(body)});
-      if (r.ok) { busy = false; await load(); return; }
+      if (r.ok) { item = null; await load(); busy = false; if (item) render(); return; }
       const err = await r.json().catch(() => ({}));
       setStatus("Not saved: " + (err.error || r.status));
     } catch (e) {
@@ -162,6 +179,12 @@
     });
   }
 
+  function dragged(ev) {
+    const raw = ev.dataTransfer.getData(DRAG_TYPE);
+    const idx = Number(raw);
+    return raw !== "" && Number.isInteger(idx) ? idx : null;
+  }
+
   function dropTarget(list, ev) {
     const cards = Array.from(list.querySelectorAll(".card"));
     for (let i = 0; i < cards.length; i++) {
@@ -176,13 +199,13 @@
     [list, pool].forEach((zone) => zone.addEventListener("dragover", (ev) => { ev.preventDefault(); }));
     list.addEventListener("drop", (ev) => {
       ev.preventDefault();
-      const idx = Number(ev.dataTransfer.getData("text/plain"));
-      if (!Number.isNaN(idx)) rank(idx, dropTarget(list, ev));
+      const idx = dragged(ev);
+      if (idx !== null) rank(idx, dropTarget(list, ev));
     });
     pool.addEventListener("drop", (ev) => {
       ev.preventDefault();
-      const idx = Number(ev.dataTransfer.getData("text/plain"));
-      if (!Number.isNaN(idx)) unrank(idx);
+      const idx = dragged(ev);
+      if (idx !== null) unrank(idx);
     });
   }
 
@@ -190,6 +213,8 @@
     const tag = (ev.target && ev.target.tagName) || "";
     if (tag === "TEXTAREA" || (tag === "INPUT" && ev.target.type !== "radio") || !item) return;
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    if (ev.repeat || busy) { if (ev.key !== "Tab") ev.preventDefault(); return; }  // no auto-repeat, nothing mid-send
+    if (ev.key === " " && tag === "BUTTON") { ev.preventDefault(); return; }  // Space never presses a focused button
     if (/^[1-9]$/.test(ev.key)) { rank(Number(ev.key) - 1); ev.preventDefault(); }
     else if (ev.key === "t" || ev.key === "T") {
       if (ranked.length > 1) { const last = ranked[ranked.length - 1]; last.tie = !last.tie; render(); }
@@ -199,9 +224,12 @@
     else if (ev.key === "s" || ev.key === "S") { send(true); ev.preventDefault(); }
   });
 
-  $("submit").addEventListener("click", () => send(false));
-  $("skip").addEventListener("click", () => send(true));
-  $("undo").addEventListener("click", () => { if (ranked.length) { ranked.pop(); render(); } });
+  $("submit").addEventListener("click", (ev) => { ev.currentTarget.blur(); send(false); });
+  $("skip").addEventListener("click", (ev) => { ev.currentTarget.blur(); send(true); });
+  $("undo").addEventListener("click", (ev) => {
+    ev.currentTarget.blur();
+    if (ranked.length) { ranked.pop(); render(); }
+  });
   buildRubric();
   wireDrops();
   load();
