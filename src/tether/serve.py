@@ -252,15 +252,10 @@ def default_model_name(checkpoint: str) -> str:
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt as tether renders it everywhere (see ``tether.data.tokenize.Encoder``): the
-    chat template with a generation prompt, else ``role: content`` lines and ``assistant: ``."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-    return [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+    """The prompt as tether renders it everywhere (:func:`tether.data.tokenize.chat_prompt_ids`)."""
+    from tether.data.tokenize import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, messages)
 
 
 def _byte_decoder() -> dict[str, int]:

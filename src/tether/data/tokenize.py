@@ -11,7 +11,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Encoder", "TruncationStats", "pad_right", "pad_left"]
+__all__ = ["Encoder", "TruncationStats", "chat_prompt_ids", "pad_right", "pad_left"]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ready for the assistant's reply, as tether renders it
+    everywhere (training, sampling, judging, serving): the tokenizer's chat template with a
+    generation prompt, else plain ``role: content`` lines followed by ``assistant: ``."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
 
 
 @dataclass
@@ -53,17 +66,7 @@ class Encoder:
 
     def prompt_ids(self, prompt) -> list[int]:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if self.has_template:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            # No chat template: plain "role: content" lines, documented in the README.
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        ids = list(ids)
+        ids = chat_prompt_ids(self.tokenizer, messages)
         self.stats.seen += 1
         if len(ids) > self.max_prompt_length:
             self.stats.prompts_cut += 1

@@ -42,14 +42,9 @@ class LocalChat:
         self.name = f"hf:{model}"
 
     def _encode(self, messages: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            ids = tok("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: ")["input_ids"]
-        return list(ids)[-self.max_prompt_tokens:]
+        from tether.data.tokenize import chat_prompt_ids
+
+        return chat_prompt_ids(self.tokenizer, messages)[-self.max_prompt_tokens:]
 
     def generate(self, conversations: list[list[dict]], *, max_tokens: int, temperature: float, seed: int,
                  progress=None) -> list[str]:

@@ -234,16 +234,9 @@ class HFJudge(Judge):
             raise ValueError(f"{model}: the labels {self.labels} share a token")
 
     def _encode(self, conv: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in conv) + "assistant: "
-            ids = tok(text, add_special_tokens=True)["input_ids"]
-        ids = list(ids)
-        return ids[-self.max_length:]  # keep the end: the question and the answer slot
+        from tether.data.tokenize import chat_prompt_ids
+
+        return chat_prompt_ids(self.tokenizer, conv)[-self.max_length:]  # keep the end: the question
 
     def first_letter_probs(self, conversations, progress=None):
         import torch
