@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["serve", "import", "export", "add-labeler"])
     p.add_argument("name", nargs="?", help="add-labeler: the labeler's name; import: a JSONL of {prompt, responses}",
                    metavar="NAME|FILE")
-    p.add_argument("--db", default="labels.sqlite", help="the SQLite database (WAL mode)")
+    p.add_argument("--db", default="labels.sqlite", help="a SQLite file (WAL mode) or a postgresql:// URL")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--overlap", type=int, help="labelers per item (stored in the database; default 1)")
