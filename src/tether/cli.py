@@ -274,6 +274,7 @@ def _judge_config(args):
 def _read_groups(path) -> list[dict]:
     """``{prompt, responses[, gold]}`` records for ``tether judge``."""
     from tether.data.io import DataError
+    from tether.errors import CheckpointError, NonFiniteError
     from tether.data.schemas import _assistant_turn, _prompt, iter_records
 
     groups = []
@@ -650,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, ChatError) as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CheckpointError) as exc:  # the stage's last good checkpoint is kept
+        print(f"tether: error: {exc}", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

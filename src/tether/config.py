@@ -109,6 +109,8 @@ class OptimConfig:
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
     batch_size: int = _f(32, "Examples per optimiser step (the global batch).")
     micro_batch_size: int = _f(32, "Examples per forward pass; batch_size / micro_batch_size = accumulation steps.")
+    max_nonfinite_steps: int = _f(5, "Stop the stage after this many optimiser steps in a row with a non-finite "
+                                     "loss or gradient (each is skipped, weights untouched, and logged).")
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -120,6 +122,7 @@ class OptimConfig:
             f"must divide batch_size ({self.batch_size}), got {self.micro_batch_size}",
         )
         _check(len(self.betas) == 2, "betas", "must be two numbers")
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
 
 
 @dataclass
@@ -498,6 +501,22 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = _f(25, "Save a resumable checkpoint (weights, optimiser, scheduler, RNG states, data position, "
+                        "KL controller, monitor) every this many optimiser steps of sft/rm/dpo, and rollouts of "
+                        "ppo/grpo/rloo; 0 saves none (a cut-off stage then starts again).")
+    every_minutes: float = _f(0.0, "Also save when this many minutes passed since the last save (0: by steps only).")
+    keep: int = _f(2, "Checkpoints kept per stage (the newest); the one before the newest is the fallback when "
+                      "the newest is found corrupt.")
+    keep_after: bool = _f(False, "Keep a stage's checkpoints once it finishes (they are deleted by default).")
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        _check(self.every_minutes >= 0, "every_minutes", f"must be >= 0, got {self.every_minutes}")
+        _check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
 class RunConfig:
     seed: int = _f(0, "Seed for every random choice of the run.")
     out: str = _f("", "Run directory (default: runs/<preset>).")
@@ -532,6 +551,8 @@ class RunConfig:
     eval: EvalConfig = _sub(EvalConfig, "Held-out evaluation of every policy.")
     monitor: MonitorConfig = _sub(MonitorConfig, "Reward-hacking monitors, over-optimisation alarms, best checkpoint.")
     flywheel: FlywheelConfig = _sub(FlywheelConfig, "`tether flywheel`: rounds of labelling the policy's samples.")
+    checkpoint: CheckpointConfig = _sub(CheckpointConfig, "Crash-safe checkpoints inside each training stage: a "
+                                                          "run started again with the same command resumes.")
 
     def __post_init__(self) -> None:
         if self.prefs.path and self.feedback == "simulated":

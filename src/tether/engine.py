@@ -17,11 +17,10 @@ import torch
 
 from tether.config import OptimConfig
 
-__all__ = ["Engine", "MetricsLogger", "NonFiniteError", "progress_bar", "plan_steps", "batch_indices"]
+__all__ = ["Engine", "MetricsLogger", "NonFiniteError", "progress_bar", "plan_steps", "batch_indices", "BatchPlan"]
 
 
-class NonFiniteError(RuntimeError):
-    """Raised after too many optimiser steps in a row had a non-finite loss or gradient."""
+from tether.errors import NonFiniteError  # noqa: E402 - re-exported here
 
 
 def progress_bar(total: int, desc: str, unit: str = "step"):
@@ -40,17 +39,40 @@ def plan_steps(n_items: int, batch_size: int, epochs: float, max_steps: int = 0)
 
 
 def batch_indices(n_items: int, batch_size: int, micro_batch_size: int, steps: int, generator: torch.Generator):
-    """Yield, for each optimiser step, its micro-batches of item indices.
+    """Yield, for each optimiser step, its micro-batches of item indices (see :class:`BatchPlan`)."""
+    plan = BatchPlan(n_items, batch_size, micro_batch_size, generator)
+    for _ in range(steps):
+        yield plan.next()
+
+
+class BatchPlan:
+    """The data position of a stage: each optimiser step's micro-batches of item indices.
 
     Items are drawn in a fresh random permutation each epoch; a step that crosses an epoch
-    boundary takes the rest of one permutation and the start of the next.
+    boundary takes the rest of one permutation and the start of the next. ``state_dict``
+    holds the generator and what is left of the current permutation, so a resumed stage
+    sees exactly the batches it would have seen.
     """
-    order: list[int] = []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order += torch.randperm(n_items, generator=generator).tolist()
-        batch, order = order[:batch_size], order[batch_size:]
-        yield [batch[j : j + micro_batch_size] for j in range(0, batch_size, micro_batch_size)]
+
+    def __init__(self, n_items: int, batch_size: int, micro_batch_size: int, generator: torch.Generator):
+        self.n_items, self.batch_size, self.micro_batch_size = n_items, batch_size, micro_batch_size
+        self.generator = generator
+        self.order: list[int] = []
+
+    def next(self) -> list[list[int]]:
+        while len(self.order) < self.batch_size:
+            self.order += torch.randperm(self.n_items, generator=self.generator).tolist()
+        batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return [batch[j : j + self.micro_batch_size] for j in range(0, self.batch_size, self.micro_batch_size)]
+
+    def state_dict(self) -> dict:
+        return {"order": list(self.order), "generator": self.generator.get_state(), "n_items": self.n_items}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n_items"] != self.n_items:
+            raise ValueError(f"the checkpoint's data had {state['n_items']} items, this run's {self.n_items}")
+        self.order = list(state["order"])
+        self.generator.set_state(state["generator"])
 
 
 class MetricsLogger:
@@ -101,6 +123,21 @@ class MetricsLogger:
                       f"metrics still go to {self.path}")
                 self._sinks.remove(sink)
         return row
+
+    def state_dict(self) -> dict:
+        """Where ``metrics.jsonl`` ends now (a resumed stage cuts off what came after)."""
+        if self._fh is not None:
+            self._fh.flush()
+            return {"offset": self._fh.tell(), "rows": len(self.history)}
+        return {"offset": None, "rows": len(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Cut ``metrics.jsonl`` back to the checkpoint: rows a killed run logged after it go
+        (the resumed run logs them again)."""
+        if self._fh is not None and state.get("offset") is not None and self._fh.tell() > state["offset"]:
+            self._fh.flush()
+            self._fh.truncate(state["offset"])
+            self._fh.seek(0, 2)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -183,10 +220,13 @@ class Engine:
         params: parameters or param-group dicts (as for ``torch.optim.AdamW``).
         cfg: learning rate, schedule, clipping.
         total_steps: optimiser steps planned (for the schedule).
-        max_bad_steps: raise :class:`NonFiniteError` after this many non-finite steps in a row.
+        max_bad_steps: raise :class:`NonFiniteError` after this many non-finite steps in a row
+            (default: ``cfg.max_nonfinite_steps``).
+        name: the stage, in messages.
     """
 
-    def __init__(self, params: Iterable, cfg: OptimConfig, total_steps: int, *, max_bad_steps: int = 5):
+    def __init__(self, params: Iterable, cfg: OptimConfig, total_steps: int, *, max_bad_steps: int | None = None,
+                 name: str = "training"):
         params = list(params)
         if params and isinstance(params[0], dict):
             groups = params
@@ -202,34 +242,58 @@ class Engine:
         self.step_count = 0
         self.bad_steps_in_row = 0
         self.skipped_steps = 0
-        self.max_bad_steps = max_bad_steps
+        self.calls = 0  # step() calls, skipped ones included
+        self.max_bad_steps = max_bad_steps or getattr(cfg, "max_nonfinite_steps", 5)
+        self.name = name
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self) -> dict:
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step_count": self.step_count, "bad_steps_in_row": self.bad_steps_in_row,
+                "skipped_steps": self.skipped_steps, "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = int(state["step_count"])
+        self.bad_steps_in_row = int(state["bad_steps_in_row"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.calls = int(state.get("calls", self.step_count + self.skipped_steps))
+
+    def step(self, loss: float | torch.Tensor | None = None) -> dict:
         """Clip, check, step the optimiser and scheduler, zero the gradients.
 
-        Returns ``{"grad_norm", "lr", "skipped"}``. A step whose gradient is not finite is
-        skipped (gradients dropped, weights untouched) and counted.
+        Returns ``{"grad_norm", "lr", "skipped"}``. A step whose ``loss`` (when given) or
+        gradient is not finite is skipped (gradients dropped, weights and optimiser state
+        untouched), counted and reported; :class:`NonFiniteError` after
+        ``max_bad_steps`` of them in a row.
         """
+        self.calls += 1
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.tensor(0.0)
         norm_value = float(norm)
+        loss_value = float(loss) if loss is not None else 0.0
         lr = self.lr
-        if not math.isfinite(norm_value):
+        if not (math.isfinite(norm_value) and math.isfinite(loss_value)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps_in_row += 1
             self.skipped_steps += 1
+            what = "loss" if not math.isfinite(loss_value) else "gradient"
             if self.bad_steps_in_row >= self.max_bad_steps:
                 raise NonFiniteError(
-                    f"{self.bad_steps_in_row} optimiser steps in a row had a non-finite gradient; "
-                    "stopping (lower the learning rate, or check the data for empty/huge inputs)"
+                    f"{self.name}: {self.bad_steps_in_row} optimiser steps in a row had a non-finite loss or "
+                    f"gradient (the last: loss {loss_value}, gradient norm {norm_value}); stopping. Lower the "
+                    "learning rate, or check the data for empty or huge inputs"
                 )
+            _warn_skip(f"{self.name}: optimiser step {self.calls} skipped, non-finite {what} (loss {loss_value}, "
+                       f"gradient norm {norm_value}); {self.bad_steps_in_row} in a row, the stage stops at "
+                       f"{self.max_bad_steps}")
             return {"grad_norm": norm_value, "lr": lr, "skipped": 1}
         self.bad_steps_in_row = 0
         self.optimizer.step()
@@ -237,3 +301,12 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return {"grad_norm": norm_value, "lr": lr, "skipped": 0}
+
+
+def _warn_skip(msg: str) -> None:
+    import logging
+
+    logging.getLogger("tether").warning(msg)
+    from tether.pipeline import _say
+
+    _say(f"[yellow]warning: {msg}[/yellow]")

@@ -420,6 +420,16 @@ class Monitor:
             for n, v in state.items():
                 params[n].copy_(v)
 
+    def state_dict(self) -> dict:
+        """What a resumed stage needs: the checks so far, their alarms and the best weights."""
+        return {"history": list(self.history), "alarms": [a.to_dict() for a in self.alarms],
+                "best_state": self.best_state, "best_step": self.best_step, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+        self.alarms = [Alarm(**a) for a in state["alarms"]]
+        self.best_state, self.best_step, self.stopped_at = state["best_state"], state["best_step"], state["stopped_at"]
+
     def summary(self) -> dict:
         best = self.best_row()
         last = self.history[-1] if self.history else {}

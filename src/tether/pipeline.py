@@ -12,6 +12,7 @@ reward model only when ``reward`` names it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -23,14 +24,18 @@ import torch
 import yaml
 
 from tether.config import POLICIES, STAGES, ConfigError, RunConfig, config_to_dict
-from tether.data.io import write_json, write_jsonl
+from tether.data.io import atomic_write_text, write_json, write_jsonl
 from tether.data.schemas import Ranking, load_demonstrations, load_rankings
 from tether.data.tokenize import Encoder
 from tether.engine import MetricsLogger
 
 log = logging.getLogger("tether")
 
-__all__ = ["Pipeline", "run_pipeline", "STAGES"]
+__all__ = ["Pipeline", "run_pipeline", "STAGES", "TRAINING_STAGES"]
+
+#: stages with optimiser steps, which save resumable checkpoints as they go (the others are
+#: deterministic and start again when cut off; eval keeps each policy's finished evaluation)
+TRAINING_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")
 
 
 
@@ -64,6 +69,7 @@ class Pipeline:
         self.start: str | None = None  # where the policy stage starts (default: SFT; the reference stays SFT)
         self.carried_labels: list[Path] = []  # earlier rounds' labels.jsonl, trained on with this round's
         self.round: int = 0  # picks this round's prompts and sampling seed
+        self._checkpointer = None  # the running training stage's
 
     # ------------------------------------------------------------------ helpers
     def stage_dir(self, stage: str) -> Path:
@@ -230,6 +236,50 @@ class Pipeline:
                  f"{summary['heldout']} at step {summary['best_step']}[/bold red]")
         return summary
 
+    # ------------------------------------------------------------------ checkpoints
+    def fingerprint(self, stage: str) -> str:
+        """What a stage's checkpoints are valid for: the run's config (less what cannot
+        change a stage's training: where the report and metrics go), the results of the
+        stages before it, and a flywheel round's starting points."""
+        from tether.checkpoint import fingerprint
+
+        conf = {k: v for k, v in config_to_dict(self.cfg).items() if k not in ("report", "trackers", "out")}
+        conf.pop("checkpoint", None)
+        before = {}
+        for s in STAGES:
+            if s == stage:
+                break
+            path = self.stage_dir(s) / "stage.json"
+            if path.is_file():
+                before[s] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return fingerprint(stage, conf, before, [self.sampler, self.start, [str(p) for p in self.carried_labels],
+                                                 self.round])
+
+    def make_checkpointer(self, stage: str):
+        from tether.checkpoint import Checkpointer
+
+        return Checkpointer.from_config(self.stage_dir(stage) / "checkpoints", self.cfg.checkpoint, stage=stage,
+                                        fingerprint=self.fingerprint(stage))
+
+    def _resumable(self, stage: str) -> int | None:
+        """The step of the checkpoint a cut-off training stage resumes from, or None."""
+        if stage not in TRAINING_STAGES:
+            return None
+        c = self.cfg.checkpoint
+        if not (c.every or c.every_minutes):
+            return None
+        from tether.checkpoint import latest_valid
+
+        root = self.stage_dir(stage) / "checkpoints"
+        if not root.is_dir():
+            return None
+        found = latest_valid(root, self.fingerprint(stage))
+        if found is None:
+            _say(f"[yellow]note: {stage}: its checkpoints were saved under another config or other earlier "
+                 "results; the stage starts again[/yellow]")
+            return None
+        return int(found[1]["step"])
+
     def _seed(self, offset: int) -> int:
         seed = self.cfg.seed * 1000 + offset
         random.seed(seed)
@@ -252,20 +302,34 @@ class Pipeline:
                 _say(f"[dim]• {stage}: done already ({self.stage_dir(stage)}), skipped[/dim]")
                 continue
             folder = self.stage_dir(stage)
-            if folder.exists() and stage != "eval":  # eval keeps the evaluations it can reuse
-                shutil.rmtree(folder)  # a stage cut off earlier starts again from scratch
-            shutil.rmtree(self.dir / "tensorboard" / stage, ignore_errors=True)
+            resume = self._resumable(stage)
+            if folder.exists() and stage != "eval" and resume is None:  # eval keeps the evaluations it can reuse
+                shutil.rmtree(folder)  # a stage cut off earlier, with no checkpoint to go on from, starts again
+            if resume is None:
+                shutil.rmtree(self.dir / "tensorboard" / stage, ignore_errors=True)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "stage.json").unlink(missing_ok=True)
-            (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-            _say(f"[bold]• {stage}[/bold]")
+            atomic_write_text(folder / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            _say(f"[bold]• {stage}[/bold]" + (f" (resuming: checkpoint of step {resume})" if resume is not None else ""))
             t0 = time.time()
+            from tether.errors import NonFiniteError
             from tether.models import autocast_context
 
-            with autocast_context(self.cfg.model.autocast):
-                result = getattr(self, f"stage_{stage}")(folder)
+            self._checkpointer = self.make_checkpointer(stage) if stage in TRAINING_STAGES else None
+            try:
+                with autocast_context(self.cfg.model.autocast):
+                    result = getattr(self, f"stage_{stage}")(folder)
+            except NonFiniteError as exc:
+                from tether.checkpoint import latest_valid
+
+                found = latest_valid(folder / "checkpoints", quarantine=False)
+                where = (f"its last good checkpoint, {found[0]} (step {found[1]['step']}), is kept, and the same "
+                         "command resumes from it" if found else "it had saved no checkpoint yet")
+                raise NonFiniteError(f"{exc}; {where}") from None
             result["seconds"] = round(time.time() - t0, 2)
             write_json(folder / "stage.json", result)
+            if self._checkpointer is not None:
+                self._checkpointer.finish(keep=self.cfg.checkpoint.keep_after)
             self.write_summary()
         summary = self.write_summary()
         if self.cfg.report:
@@ -374,7 +438,7 @@ class Pipeline:
         encoder = self.encoder()
         model = load_policy(cfg.model.name, cfg.model, cfg.lora)
         logger = self.logger(folder)
-        result = train_sft(model, encoder, demos, cfg.sft, seed=seed, logger=logger)
+        result = train_sft(model, encoder, demos, cfg.sft, seed=seed, logger=logger, checkpointer=self._checkpointer)
         logger.close()
         save_checkpoint(model, encoder.tokenizer, folder / "checkpoint")
         if (msg := encoder.stats.summary()):
@@ -610,7 +674,8 @@ class Pipeline:
         model = load_scalar_model(self.checkpoint("sft"), cfg.model, cfg.lora, pad_token_id=encoder.pad_id,
                                   num_labels=cfg.rm.ensemble)
         logger = self.logger(folder)
-        result = train_reward(model, encoder, rankings, cfg.rm, seed=seed, logger=logger)
+        result = train_reward(model, encoder, rankings, cfg.rm, seed=seed, logger=logger,
+                              checkpointer=self._checkpointer)
         # held-out pairwise accuracy against the gold order
         groups = [rec for _, rec in read_jsonl(self.stage_dir("prefs") / "heldout.jsonl")]
         agree = total = 0
@@ -664,7 +729,8 @@ class Pipeline:
         logger = self.logger(folder)
         monitor = self.make_monitor("ppo", policy, reference, cfg.ppo.steps, logger, proxy_fn=score_fn)
         result = train_ppo(policy, value_model, reference, encoder, self.train_prompts(), score_fn, cfg.ppo,
-                           seed=seed, gold_fn=self.task.gold_batch, logger=logger, monitor=monitor)
+                           seed=seed, gold_fn=self.task.gold_batch, logger=logger, monitor=monitor,
+                           checkpointer=self._checkpointer)
         logger.close()
         result["monitor"] = self.save_policy(folder, policy, monitor)
         return result
@@ -744,7 +810,7 @@ class Pipeline:
         monitor = self.make_monitor("dpo", policy, reference, total, logger, implicit_beta=d.beta,
                                     implicit="avg_logp" if d.loss in REFERENCE_FREE else "kl")
         result = train_dpo(policy, reference, encoder, rankings, d, seed=seed, ref_logps=ref_logps, logger=logger,
-                           monitor=monitor)
+                           monitor=monitor, checkpointer=self._checkpointer)
         result["reference_cache_hit"] = cache_hit
         # the checkpoint's weights (monitor.select: last or best) stay in memory for what follows
         result["monitor"] = self.save_policy(folder, policy, monitor)
@@ -801,7 +867,8 @@ class Pipeline:
         reward_fn = self.reward_fn(gcfg.micro_batch_size)
         monitor = self.make_monitor(name, policy, reference, gcfg.steps, logger, proxy_fn=reward_fn)
         result = train_grpo(policy, reference, encoder, self.train_prompts(), reward_fn, gcfg, seed=seed,
-                            gold_fn=self.task.gold_batch, logger=logger, name=name, monitor=monitor)
+                            gold_fn=self.task.gold_batch, logger=logger, name=name, monitor=monitor,
+                            checkpointer=self._checkpointer)
         result["reward"] = cfg.reward
         logger.close()
         result["monitor"] = self.save_policy(folder, policy, monitor)

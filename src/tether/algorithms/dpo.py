@@ -24,7 +24,8 @@ import torch
 from tether.config import DPOConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder
-from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
+from tether.checkpoint import Checkpointer, LoopState, RNGState
+from tether.engine import BatchPlan, Engine, MetricsLogger, plan_steps, progress_bar
 from tether.losses import dpo_loss, orpo_loss, simpo_loss
 from tether.models import grouped_logprobs, reference_context
 
@@ -165,6 +166,7 @@ def train_dpo(
     logger: MetricsLogger | None = None,
     log_every: int = 5,
     monitor=None,
+    checkpointer: Checkpointer | None = None,
 ) -> dict:
     """Optimise ``policy`` in place on ``rankings`` with ``cfg.loss``.
 
@@ -174,6 +176,8 @@ def train_dpo(
             computed here when None and the loss needs them.
         monitor: optional :class:`tether.monitor.Monitor` (checked before the first step and
             as it asks; it can stop training early).
+        checkpointer: saves the training state as it goes and resumes from its newest
+            checkpoint.
     """
     from tether.algorithms.reward import collate_rankings
 
@@ -182,19 +186,25 @@ def train_dpo(
         ref_logps = reference_logps(policy, reference, encoder, rankings, batch_size=optim.micro_batch_size,
                                     share_prompt=cfg.share_prompt)
     total = plan_steps(len(rankings), optim.batch_size, cfg.epochs, cfg.max_steps)
-    engine = Engine([p for p in policy.parameters() if p.requires_grad], optim, total)
-    generator = torch.Generator().manual_seed(seed)
+    engine = Engine([p for p in policy.parameters() if p.requires_grad], optim, total, name=f"dpo ({cfg.loss})")
+    plan = BatchPlan(len(rankings), optim.batch_size, optim.micro_batch_size, torch.Generator().manual_seed(seed))
     device = next(policy.parameters()).device
     policy.train()
-    start_time, last, history = time.time(), {}, []
-    bar = progress_bar(total, cfg.loss if cfg.loss in REFERENCE_FREE else f"dpo ({cfg.loss})")
-    steps_done = 0
+    loop = LoopState(first={}, last={}, steps_done=0, stopped=False)
+    state = {"policy": policy, "engine": engine, "data": plan, "rng": RNGState(), "loop": loop}
+    if logger is not None:
+        state["metrics"] = logger
     if monitor is not None:
+        state["monitor"] = monitor
+    start = checkpointer.resume(state) if checkpointer is not None else 0
+    start_time = time.time()
+    bar = progress_bar(total, cfg.loss if cfg.loss in REFERENCE_FREE else f"dpo ({cfg.loss})")
+    bar.update(start)
+    if monitor is not None and not start:
         monitor.check(0)
-    for step, micro_idx in enumerate(batch_indices(len(rankings), optim.batch_size, optim.micro_batch_size,
-                                                   total, generator)):
+    for step in range(start, 0 if loop["stopped"] else total):
         micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt, split=True))
-                 for idx in micro_idx]
+                 for idx in plan.next()]
         n_global = sum(n_pairs(m["slot_mask"]) for _, m in micro)
         sums: dict[str, float] = {}
         for idx, m in micro:
@@ -209,18 +219,26 @@ def train_dpo(
             sums["loss/dpo"] = sums.get("loss/dpo", 0.0) + loss.detach().item() * weight
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * weight
-        info = engine.step()
+        info = engine.step(sums.get("loss/dpo"))
         last = {**sums, **{f"optim/{k}": v for k, v in info.items()}}
-        history.append(last)
+        loop["first"] = loop["first"] or last
+        loop["last"] = last
         if logger is not None and (step % log_every == 0 or step == total - 1):
             logger.log(step, last)
-        bar.set_postfix(loss=f"{last['loss/dpo']:.3f}", acc=f"{last['rewards/accuracy']:.2f}",
-                        margin=f"{last['rewards/margin']:.2f}")
+        bar.set_postfix(loss=f"{last['loss/dpo']:.3f}", acc=f"{last.get('rewards/accuracy', float('nan')):.2f}",
+                        margin=f"{last.get('rewards/margin', float('nan')):.2f}")
         bar.update(1)
-        steps_done = step + 1
+        loop["steps_done"] = steps_done = step + 1
         if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+            loop["stopped"] = True
+        if checkpointer is not None:
+            checkpointer.step(steps_done, state, final=loop["stopped"] or steps_done == total)
+        if loop["stopped"]:
             break
     bar.close()
-    return {"steps": steps_done, "planned_steps": total, "loss": cfg.loss, "beta": cfg.beta, "final_loss": last.get("loss/dpo"),
-            "skipped_steps": engine.skipped_steps, "seconds": time.time() - start_time,
-            "first": history[0] if history else {}, "last": last}
+    out = {"steps": loop["steps_done"], "planned_steps": total, "loss": cfg.loss, "beta": cfg.beta,
+           "final_loss": loop["last"].get("loss/dpo"), "skipped_steps": engine.skipped_steps,
+           "seconds": time.time() - start_time, "first": loop["first"], "last": loop["last"]}
+    if start:
+        out["resumed_from_step"] = start
+    return out

@@ -27,6 +27,7 @@ from tether.advantages import grpo_advantages, rloo_advantages
 from tether.algorithms.ppo import _pad_to, rows_logprobs
 from tether.config import GRPOConfig
 from tether.data.tokenize import Encoder
+from tether.checkpoint import Checkpointer, LoopState, RNGState
 from tether.engine import Engine, MetricsLogger, progress_bar
 from tether.losses import grpo_policy_loss
 from tether.models import reference_context
@@ -65,6 +66,7 @@ def train_grpo(
     logger: MetricsLogger | None = None,
     name: str = "grpo",
     monitor=None,
+    checkpointer: Checkpointer | None = None,
 ) -> dict:
     """Optimise ``policy`` in place.
 
@@ -77,6 +79,8 @@ def train_grpo(
         gold_fn: optional (prompts, texts) → gold scores, logged as ``reward/gold``.
         monitor: optional :class:`tether.monitor.Monitor` (checked before the first step and
             as it asks; it can stop training early).
+        checkpointer: saves the training state every few rollouts and resumes from its
+            newest checkpoint.
     """
     G = cfg.samples_per_prompt
     n_prompts = cfg.rollout_batch_size // G
@@ -85,25 +89,31 @@ def train_grpo(
     on_policy = cfg.epochs == 1 and cfg.mini_batch_size == cfg.rollout_batch_size
     reward_takes_group = len(inspect.signature(reward_fn).parameters) >= 2
     updates = cfg.steps * cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
-    engine = Engine([p for p in policy.parameters() if p.requires_grad], cfg.optim, updates)
+    engine = Engine([p for p in policy.parameters() if p.requires_grad], cfg.optim, updates, name=name)
     generator = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
     low = active_autocast_dtype(device)
     is_peft = hasattr(policy, "merge_and_unload")
     sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) if low is not None or is_peft else None
-    order: list[int] = []
-    history = []
+    loop = LoopState(order=[], first={}, last={}, steps_done=0, stopped=False)
+    state = {"policy": policy, "engine": engine, "rng": RNGState(data=generator), "loop": loop}
+    if logger is not None:
+        state["metrics"] = logger
+    if monitor is not None:
+        state["monitor"] = monitor
+    start = checkpointer.resume(state) if checkpointer is not None else 0
     start_time = time.time()
     bar = progress_bar(cfg.steps, name, unit="rollout")
-    steps_done = 0
+    bar.update(start)
     if monitor is not None:
         monitor.sampler = sampler
-        monitor.check(0)
-    for step in range(cfg.steps):
+        if not start:
+            monitor.check(0)
+    for step in range(start, 0 if loop["stopped"] else cfg.steps):
         # 1. rollout: n_prompts prompts × G samples in adjacent rows
-        if len(order) < n_prompts:
-            order += torch.randperm(len(prompts), generator=generator).tolist()
-        idx, order = order[:n_prompts], order[n_prompts:]
+        if len(loop["order"]) < n_prompts:
+            loop["order"] += torch.randperm(len(prompts), generator=generator).tolist()
+        idx, loop["order"] = loop["order"][:n_prompts], loop["order"][n_prompts:]
         t0 = time.time()
         if sampler is not None:
             sampler.sync()
@@ -146,6 +156,7 @@ def train_grpo(
             for b in range(0, len(rollout), cfg.mini_batch_size):
                 mb = perm[b : b + cfg.mini_batch_size]
                 mb_tokens = float(mask[mb].sum())
+                mb_loss = 0.0
                 for c in range(0, len(mb), cfg.micro_batch_size):
                     j = mb[c : c + cfg.micro_batch_size]
                     logps = rows_logprobs(policy, rollout, j, device, share)
@@ -159,6 +170,7 @@ def train_grpo(
                     # micro-batch means → the mini-batch's mean (over tokens or over sequences)
                     weight = float(m.sum()) / mb_tokens if cfg.aggregation == "token" else len(j) / len(mb)
                     (loss * weight).backward()
+                    mb_loss += loss.detach().item() * weight
                     stats["loss/policy"].append(loss.detach().item())
                     stats["policy/clipfrac"].append(float(st["clipfrac"]))
                     stats["policy/approx_kl"].append(float(st["approx_kl"]))
@@ -166,7 +178,7 @@ def train_grpo(
                         stats["kl/k3"].append(float(st["kl_ref"]))
                     if epoch == 0 and ref is not None:
                         live_kl[j] = ((logps.detach() - ref) * m).sum(dim=1).float().cpu()
-                info = engine.step()
+                info = engine.step(mb_loss)
                 stats["optim/grad_norm"].append(info["grad_norm"])
         t_train = time.time() - t0
         if seq_kl is None and ref_logprobs is not None:
@@ -189,21 +201,29 @@ def train_grpo(
             row["reward/gold"] = sum(gold) / len(gold)
         if logger is not None:
             logger.log(step, row)
-        history.append(row)
+        loop["first"] = loop["first"] or row
+        loop["last"] = row
         bar.set_postfix(reward=f"{row['reward/score']:.3f}",
                         **({"kl": f"{row['kl/ref']:.2f}"} if "kl/ref" in row else {}),
                         **({"gold": f"{row['reward/gold']:.3f}"} if "reward/gold" in row else {}))
         bar.update(1)
-        steps_done = step + 1
+        loop["steps_done"] = steps_done = step + 1
         if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+            loop["stopped"] = True
+        if checkpointer is not None:
+            checkpointer.step(steps_done, state, final=loop["stopped"] or steps_done == cfg.steps)
+        if loop["stopped"]:
             break
     bar.close()
-    return {
-        "steps": steps_done,
+    out = {
+        "steps": loop["steps_done"],
         "planned_steps": cfg.steps,
         "advantage": cfg.advantage,
         "seconds": time.time() - start_time,
         "skipped_steps": engine.skipped_steps,
-        "first": history[0] if history else {},
-        "last": history[-1] if history else {},
+        "first": loop["first"],
+        "last": loop["last"],
     }
+    if start:
+        out["resumed_from_step"] = start
+    return out

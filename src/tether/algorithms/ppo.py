@@ -23,6 +23,7 @@ import torch
 from tether.advantages import AdaptiveKLController, FixedKLController, gae, group_baseline, kl_penalized_rewards
 from tether.config import PPOConfig
 from tether.data.tokenize import Encoder
+from tether.checkpoint import Checkpointer, LoopState, RNGState
 from tether.engine import Engine, MetricsLogger, progress_bar
 from tether.losses import ppo_policy_loss, value_loss
 from tether.models import (
@@ -162,6 +163,7 @@ def train_ppo(
     gold_fn: GoldFn | None = None,
     logger: MetricsLogger | None = None,
     monitor=None,
+    checkpointer: Checkpointer | None = None,
 ) -> dict:
     """Optimise ``policy`` in place with PPO.
 
@@ -179,17 +181,26 @@ def train_ppo(
         gold_fn: optional (prompts, texts) → gold scores, logged as ``reward/gold`` (never optimised).
         monitor: optional :class:`tether.monitor.Monitor`, checked before the first step and
             as it asks; training stops early when it says so.
+        checkpointer: saves the training state (policy, critic, optimiser, KL controller,
+            monitor, data order, RNG) every few rollouts and resumes from its newest checkpoint.
     """
     kl_ctl = make_kl_controller(cfg)
     updates_per_rollout = cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]
     value_params = [p for p in value_model.parameters() if p.requires_grad]
     groups.append({"params": value_params, "lr": cfg.value_lr or cfg.optim.lr})
-    engine = Engine(groups, cfg.optim, cfg.steps * updates_per_rollout)
+    engine = Engine(groups, cfg.optim, cfg.steps * updates_per_rollout, name="ppo")
     generator = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
-    order: list[int] = []
-    history = []
+    loop = LoopState(order=[], first={}, last={}, steps_done=0, stopped=False)
+    state = {"policy": policy, "engine": engine, "kl": kl_ctl, "rng": RNGState(data=generator), "loop": loop}
+    if value_params:
+        state["value"] = value_model
+    if logger is not None:
+        state["metrics"] = logger
+    if monitor is not None:
+        state["monitor"] = monitor
+    start = checkpointer.resume(state) if checkpointer is not None else 0
     start_time = time.time()
     # sample from a merged copy: in the autocast dtype when autocast runs in bf16/fp16, and
     # for a LoRA policy in any case (no adapter products per decoding step, and a merged
@@ -198,21 +209,22 @@ def train_ppo(
     is_peft = hasattr(policy, "merge_and_unload")
     sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) if low is not None or is_peft else None
     bar = progress_bar(cfg.steps, "ppo", unit="rollout")
+    bar.update(start)
     G = cfg.samples_per_prompt
     n_prompts = cfg.rollout_batch_size // G
     share = G if (cfg.share_prompt and G > 1) else 1  # rows per shared-prompt forward group
     import inspect
 
     score_takes_group = len(inspect.signature(score_fn).parameters) >= 2
-    steps_done = 0
     if monitor is not None:
         monitor.sampler = sampler
-        monitor.check(0)
-    for step in range(cfg.steps):
+        if not start:
+            monitor.check(0)
+    for step in range(start, 0 if loop["stopped"] else cfg.steps):
         # 1. rollout: n_prompts prompts × G samples, each prompt's samples in adjacent rows
-        if len(order) < n_prompts:
-            order += torch.randperm(len(prompts), generator=generator).tolist()
-        idx, order = order[:n_prompts], order[n_prompts:]
+        if len(loop["order"]) < n_prompts:
+            loop["order"] += torch.randperm(len(prompts), generator=generator).tolist()
+        idx, loop["order"] = loop["order"][:n_prompts], loop["order"][n_prompts:]
         idx = [i for i in idx for _ in range(G)]
         t0 = time.time()
         if sampler is not None:
@@ -252,6 +264,7 @@ def train_ppo(
             perm = (perm.unsqueeze(1) * G + torch.arange(G)).reshape(-1)
             for mb in _chunks(len(rollout), cfg.mini_batch_size):
                 mb_idx = perm[mb]
+                mb_loss = 0.0
                 for mc in _chunks(len(mb_idx), cfg.micro_batch_size):
                     j = mb_idx[mc]
                     logps, values, w = _rows_forward(policy, value_model, rollout, j, device, share)
@@ -261,13 +274,15 @@ def train_ppo(
                     vl, vstats = value_loss(values, old_values[j][:, :w].to(device), returns[j][:, :w].to(device),
                                             m, cfg.value_clip)
                     weight = len(j) / len(mb_idx)
-                    ((pl + cfg.vf_coef * vl) * weight).backward()
+                    micro_loss = (pl + cfg.vf_coef * vl) * weight
+                    micro_loss.backward()
+                    mb_loss += micro_loss.detach().item()
                     stats["loss/policy"].append(pl.detach().item())
                     stats["loss/value"].append(vl.detach().item())
                     stats["ppo/clipfrac"].append(float(pstats["clipfrac"]))
                     stats["ppo/approx_kl"].append(float(pstats["approx_kl"]))
                     stats["value/clipfrac"].append(float(vstats["clipfrac"]))
-                info = engine.step()
+                info = engine.step(mb_loss)
                 stats["optim/grad_norm"].append(info["grad_norm"])
         t_train = time.time() - t0
 
@@ -295,20 +310,28 @@ def train_ppo(
             row["reward/gold"] = sum(gold) / len(gold)
         if logger is not None:
             logger.log(step, row)
-        history.append(row)
+        loop["first"] = loop["first"] or row
+        loop["last"] = row
         bar.set_postfix(score=f"{row['reward/score']:.3f}", kl=f"{mean_kl:.2f}",
                         **({"gold": f"{row['reward/gold']:.3f}"} if "reward/gold" in row else {}))
         bar.update(1)
-        steps_done = step + 1
+        loop["steps_done"] = steps_done = step + 1
         if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+            loop["stopped"] = True
+        if checkpointer is not None:
+            checkpointer.step(steps_done, state, final=loop["stopped"] or steps_done == cfg.steps)
+        if loop["stopped"]:
             break
     bar.close()
-    return {
-        "steps": steps_done,
+    out = {
+        "steps": loop["steps_done"],
         "planned_steps": cfg.steps,
         "seconds": time.time() - start_time,
         "final_kl_coef": kl_ctl.value,
         "skipped_steps": engine.skipped_steps,
-        "first": history[0] if history else {},
-        "last": history[-1] if history else {},
+        "first": loop["first"],
+        "last": loop["last"],
     }
+    if start:
+        out["resumed_from_step"] = start
+    return out

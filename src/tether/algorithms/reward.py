@@ -15,7 +15,8 @@ import torch
 from tether.config import RMConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder, pad_left, pad_right
-from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
+from tether.checkpoint import Checkpointer, LoopState, RNGState
+from tether.engine import BatchPlan, Engine, MetricsLogger, plan_steps, progress_bar
 from tether.losses import ensemble_ranking_loss, ranking_loss_terms
 from tether.models import grouped_token_scalars, token_scalars
 
@@ -121,21 +122,28 @@ def train_reward(
     seed: int = 0,
     logger: MetricsLogger | None = None,
     log_every: int = 10,
+    checkpointer: Checkpointer | None = None,
 ) -> dict:
-    """Train the reward model in place on ``rankings``; returns a summary."""
+    """Train the reward model in place on ``rankings``; returns a summary. ``checkpointer``:
+    saves the training state as it goes and resumes from its newest checkpoint."""
     optim = cfg.optim
     total = plan_steps(len(rankings), optim.batch_size, cfg.epochs, cfg.max_steps)
-    engine = Engine(model.parameters(), optim, total)
-    generator = torch.Generator().manual_seed(seed)
+    engine = Engine(model.parameters(), optim, total, name="reward model")
+    plan = BatchPlan(len(rankings), optim.batch_size, optim.micro_batch_size, torch.Generator().manual_seed(seed))
     heads = getattr(getattr(model, "config", None), "num_labels", 1) if cfg.ensemble > 1 else 1
     weights = bootstrap_weights(len(rankings), heads, torch.Generator().manual_seed(seed + 1), cfg.bootstrap)
     device = next(model.parameters()).device
     model.train()
-    start_time, last = time.time(), {}
+    loop = LoopState(last={})
+    state = {"model": model, "engine": engine, "data": plan, "rng": RNGState(), "loop": loop}
+    if logger is not None:
+        state["metrics"] = logger
+    start = checkpointer.resume(state) if checkpointer is not None else 0
+    start_time = time.time()
     bar = progress_bar(total, "reward model" if heads == 1 else f"reward model ({heads} heads)")
-    steps = batch_indices(len(rankings), optim.batch_size, optim.micro_batch_size, total, generator)
-    for step, micro_idx in enumerate(steps):
-        micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt)) for idx in micro_idx]
+    bar.update(start)
+    for step in range(start, total):
+        micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt)) for idx in plan.next()]
         # Σ weight·terms per head over the whole batch: micro-batch losses add up to its mean
         normaliser = sum((weights[idx] * ranking_loss_terms(torch.zeros(*m["slot_mask"].shape, heads), m["slot_mask"],
                                                             cfg.loss)[1]).sum(dim=0) for idx, m in micro)
@@ -162,16 +170,21 @@ def train_reward(
                 else:
                     correct += int(((mean[:, i] > mean[:, j]) & valid).sum())
                 pairs += int(valid.sum())
-        info = engine.step()
-        last = {"loss/rm": loss_total, "rm/train_accuracy": correct / max(pairs, 1),
-                **{f"optim/{k}": v for k, v in info.items()}}
+        info = engine.step(loss_total)
+        loop["last"] = last = {"loss/rm": loss_total, "rm/train_accuracy": correct / max(pairs, 1),
+                               **{f"optim/{k}": v for k, v in info.items()}}
         if logger is not None and (step % log_every == 0 or step == total - 1):
             logger.log(step, last)
         bar.set_postfix(loss=f"{loss_total:.3f}", acc=f"{last['rm/train_accuracy']:.2f}")
         bar.update(1)
+        if checkpointer is not None:
+            checkpointer.step(step + 1, state, final=step + 1 == total)
     bar.close()
-    return {"steps": total, "final_loss": last.get("loss/rm"), "skipped_steps": engine.skipped_steps,
-            "heads": heads, "bootstrap": bool(heads > 1 and cfg.bootstrap), "seconds": time.time() - start_time}
+    out = {"steps": total, "final_loss": loop["last"].get("loss/rm"), "skipped_steps": engine.skipped_steps,
+           "heads": heads, "bootstrap": bool(heads > 1 and cfg.bootstrap), "seconds": time.time() - start_time}
+    if start:
+        out["resumed_from_step"] = start
+    return out
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ import torch
 from tether.config import SFTConfig
 from tether.data.schemas import Demonstration
 from tether.data.tokenize import Encoder, pad_right
-from tether.engine import Engine, MetricsLogger, batch_indices, plan_steps, progress_bar
+from tether.checkpoint import Checkpointer, LoopState, RNGState
+from tether.engine import BatchPlan, Engine, MetricsLogger, plan_steps, progress_bar
 from tether.losses import sft_loss
 from tether.models import policy_logits
 
@@ -52,20 +53,29 @@ def train_sft(
     seed: int = 0,
     logger: MetricsLogger | None = None,
     log_every: int = 10,
+    checkpointer: Checkpointer | None = None,
 ) -> dict:
-    """Train ``model`` in place; returns a summary (steps, final loss, throughput)."""
+    """Train ``model`` in place; returns a summary (steps, final loss, throughput).
+
+    ``checkpointer``: saves the training state as it goes and resumes from its newest
+    checkpoint (the weights then continue exactly as an uninterrupted run's)."""
     optim = cfg.optim
     total = plan_steps(len(demos), optim.batch_size, cfg.epochs, cfg.max_steps)
-    engine = Engine(model.parameters(), optim, total)
-    generator = torch.Generator().manual_seed(seed)
+    engine = Engine(model.parameters(), optim, total, name="sft")
+    plan = BatchPlan(len(demos), optim.batch_size, optim.micro_batch_size, torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
     model.train()
 
-    tokens_seen, start_time, last = 0, time.time(), {}
+    loop = LoopState(tokens_seen=0, last={})
+    state = {"policy": model, "engine": engine, "data": plan, "rng": RNGState(), "loop": loop}
+    if logger is not None:
+        state["metrics"] = logger
+    start = checkpointer.resume(state) if checkpointer is not None else 0
+    start_time, tokens0 = time.time(), loop["tokens_seen"]
     bar = progress_bar(total, "sft")
-    steps = batch_indices(len(demos), optim.batch_size, optim.micro_batch_size, total, generator)
-    for step, micro_idx in enumerate(steps):
-        micro = [collate_sft(encoder, [demos[i] for i in idx]) for idx in micro_idx]
+    bar.update(start)
+    for step in range(start, total):
+        micro = [collate_sft(encoder, [demos[i] for i in idx]) for idx in plan.next()]
         n_tokens = sum(int(m["loss_mask"][:, 1:].sum()) for m in micro)
         loss_total = 0.0
         for m in micro:
@@ -73,19 +83,24 @@ def train_sft(
             loss = sft_micro_loss(model, m, normalizer=n_tokens)
             loss.backward()
             loss_total += loss.detach().item()
-        info = engine.step()
-        tokens_seen += n_tokens
-        last = {"loss/sft": loss_total, "tokens": n_tokens, **{f"optim/{k}": v for k, v in info.items()}}
+        info = engine.step(loss_total)
+        loop["tokens_seen"] += n_tokens
+        loop["last"] = last = {"loss/sft": loss_total, "tokens": n_tokens, **{f"optim/{k}": v for k, v in info.items()}}
         if logger is not None and (step % log_every == 0 or step == total - 1):
             logger.log(step, last)
         bar.set_postfix(loss=f"{loss_total:.3f}")
         bar.update(1)
+        if checkpointer is not None:
+            checkpointer.step(step + 1, state, final=step + 1 == total)
     bar.close()
     elapsed = time.time() - start_time
-    return {
+    out = {
         "steps": total,
-        "final_loss": last.get("loss/sft"),
-        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+        "final_loss": loop["last"].get("loss/sft"),
+        "tokens_per_s": (loop["tokens_seen"] - tokens0) / max(elapsed, 1e-9),  # this process's
         "skipped_steps": engine.skipped_steps,
         "seconds": elapsed,
     }
+    if start:
+        out["resumed_from_step"] = start
+    return out
