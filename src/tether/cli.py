@@ -222,10 +222,11 @@ def cmd_data(args, extra) -> int:
 
 def _print_stats(stats: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{stats['file']} ({stats['kind']})", show_header=False)
+    table = Table(title=escape(f"{stats['file']} ({stats['kind']})"), show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
 
@@ -256,7 +257,7 @@ def _print_stats(stats: dict) -> None:
         t.add_column("agreement", justify="right")
         for rater, q in sorted(raters.items(), key=lambda kv: -(kv[1]["agreement_with_consensus"] or 0.0)):
             a = q["agreement_with_consensus"]
-            t.add_row(str(rater), str(stats.get("rankings_per_rater", {}).get(rater, "")), str(q["items"]),
+            t.add_row(escape(str(rater)), str(stats.get("rankings_per_rater", {}).get(rater, "")), str(q["items"]),
                       "—" if a is None else f"{a:.3f}")
         console.print(t)
 
@@ -273,9 +274,10 @@ def _judge_config(args):
 
 def _read_groups(path) -> list[dict]:
     """``{prompt, responses[, gold]}`` records for ``tether judge``."""
+    import math
+
     from tether.data.io import DataError
-    from tether.errors import CheckpointError, NonFiniteError
-    from tether.data.schemas import _assistant_turn, _prompt, iter_records
+    from tether.data.schemas import MAX_RESPONSES, _assistant_turn, _prompt, iter_records
 
     groups = []
     for where, line, rec in iter_records(path):
@@ -283,11 +285,16 @@ def _read_groups(path) -> list[dict]:
         responses = rec.get("responses")
         if not isinstance(responses, list) or len(responses) < 2:
             raise DataError(where, line, "must be a list of at least 2 responses", field="responses")
+        if len(responses) > MAX_RESPONSES:
+            raise DataError(where, line, f"holds {len(responses)} responses, more than the {MAX_RESPONSES} allowed",
+                            field="responses")
         texts = [_assistant_turn(r, where, line, f"responses[{i}]", True)[0] for i, r in enumerate(responses)]
         gold = rec.get("gold")
         if gold is not None and (not isinstance(gold, list) or len(gold) != len(texts)
-                                 or any(isinstance(g, bool) or not isinstance(g, (int, float)) for g in gold)):
-            raise DataError(where, line, f"must be a list of {len(texts)} numbers (one per response)", field="gold")
+                                 or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                                        for g in gold)):
+            raise DataError(where, line, f"must be a list of {len(texts)} finite numbers (one per response)",
+                            field="gold")
         groups.append({"prompt": prompt, "responses": texts, "gold": gold})
     if not groups:
         raise DataError(path, None, "no records")
@@ -605,7 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from tether.config import ConfigError
     from tether.data.io import DataError
+    from tether.data.schemas import ChatFormatError
+    from tether.errors import CheckpointError, NonFiniteError
     from tether.feedback.client import ChatError
+    from tether.labeling.store import StoreError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -648,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"report: {build_report(args.dir, args.out)}")
             return 0
-    except (ConfigError, DataError, FileNotFoundError, ChatError) as exc:
+    except (ConfigError, DataError, ChatFormatError, StoreError, FileNotFoundError, ChatError) as exc:
         print(f"tether: error: {exc}", file=sys.stderr)
         return 2
     except (NonFiniteError, CheckpointError) as exc:  # the stage's last good checkpoint is kept

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -505,7 +506,7 @@ class CheckpointConfig:
     every: int = _f(25, "Save a resumable checkpoint (weights, optimiser, scheduler, RNG states, data position, "
                         "KL controller, monitor) every this many optimiser steps of sft/rm/dpo, and rollouts of "
                         "ppo/grpo/rloo; 0 saves none (a cut-off stage then starts again).")
-    every_minutes: float = _f(0.0, "Also save when this many minutes passed since the last save (0: by steps only).")
+    every_minutes: float = _f(10.0, "Also save when this many minutes passed since the last save (0: by steps only).")
     keep: int = _f(2, "Checkpoints kept per stage (the newest); the one before the newest is the fallback when "
                       "the newest is found corrupt.")
     keep_after: bool = _f(False, "Keep a stage's checkpoints once it finishes (they are deleted by default).")
@@ -601,6 +602,28 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------- building
+#
+# What the builders refuse, each as a ConfigError naming the key (and file, and line for bad
+# YAML): a file that cannot be read or is not UTF-8, invalid YAML, a top level that is not a
+# mapping, values nested more than MAX_CONFIG_DEPTH levels deep or referring to themselves
+# (a YAML alias inside its own anchor), a section given as anything but a mapping (an empty
+# one is fine), a value of the wrong type, NaN for a number, an integer of more than 63 bits,
+# text holding a NUL character or a lone surrogate, a list item of the wrong type (a list of
+# numbers where the default holds numbers, else of text), an unknown preset.
+
+MAX_CONFIG_DEPTH = 16
+_INT_LIMIT = 2**63
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict, _repr.maxlevel = 60, 60, 6, 4, 2
+
+
+def _short(value: Any) -> str:
+    """A repr for error messages, cut short (never expands a huge or self-referring value)."""
+    return _repr.repr(value)
+
+
+def _clip(text: str, limit: int = 2000) -> str:
+    return text if len(text) <= limit else text[: limit // 2] + " … " + text[-limit // 2 :]
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -612,7 +635,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -623,41 +646,92 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         choices = typing.get_args(tp)
         if value is False and "off" in choices:  # YAML reads a bare `off` as false
             value = "off"
-        if value not in choices:
-            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        if not isinstance(value, (str, int, float, bool)) or value not in choices:
+            near = difflib.get_close_matches(value, [str(c) for c in choices], n=1) \
+                if isinstance(value, str) and len(value) <= 100 else []
             hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{hint}")
+            shown = f"'{value}'" if isinstance(value, str) and len(value) <= 100 else _short(value)
+            raise ConfigError(f"{key}: {shown} is not one of {list(choices)}{hint}")
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
     if isinstance(value, str) and tp in (int, float):
         try:
             value = float(value) if tp is float or any(c in value for c in ".eE") else int(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+            raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {_short(value)}") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
+        if abs(value) >= _INT_LIMIT:
+            raise ConfigError(f"{key}: {_short(value)} is out of range (more than 63 bits)")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        if value != value:
+            raise ConfigError(f"{key}: expected a number, got NaN")
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float
+            raise ConfigError(f"{key}: {_short(value)} is out of range") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
+        return _text(str(value), key)
     if tp is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return list(value)
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
+        numbers = bool(default) and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in default)
+        return [_coerce(v, float if numbers else str, f"{key}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def _text(value: str, key: str) -> str:
+    if "\x00" in value:
+        raise ConfigError(f"{key}: must not hold a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{key}: holds a lone surrogate \\u{ord(value[exc.start]):04x}, which is not Unicode") from None
+    return value
+
+
+def _check_shape(data: Any, source: str) -> None:
+    """Refuse values nested more than ``MAX_CONFIG_DEPTH`` levels deep or holding themselves."""
+    where = f" (in {source})" if source else ""
+    heights: dict[int, int] = {}  # id of a container checked already → its height
+    on_path: set[int] = set()
+
+    def height(x: Any, key: str, level: int) -> int:
+        if not isinstance(x, (dict, list)):
+            return 0
+        i = id(x)
+        if i in heights:
+            if level + heights[i] > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{key or 'config'}: nested more than {MAX_CONFIG_DEPTH} levels deep{where}")
+            return heights[i]
+        if i in on_path:
+            raise ConfigError(f"{key or 'config'}: refers to itself (a YAML alias inside its own anchor){where}")
+        if level >= MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{key or 'config'}: nested more than {MAX_CONFIG_DEPTH} levels deep{where}")
+        on_path.add(i)
+        if isinstance(x, dict):
+            subs = [(v, f"{key}.{k}" if key else str(k)) for k, v in x.items()]
+        else:
+            subs = [(v, f"{key}[{n}]") for n, v in enumerate(x)]
+        h = 1 + max((height(v, k, level + 1) for v, k in subs), default=0)
+        on_path.discard(i)
+        heights[i] = h
+        return h
+
+    height(data, "", 0)
 
 
 def _valid_keys(cls: type, prefix: str = "") -> list[str]:
@@ -671,37 +745,72 @@ def _valid_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_error(key: str, source: str) -> ConfigError:
+def _unknown_key_error(key: str, source: str, line: int | None = None) -> ConfigError:
+    where = (f" in {source}" + (f", line {line}" if line else "")) if source else ""
+    if len(key) > 200:
+        return ConfigError(f"unknown config key '{key[:60]}…' ({len(key)} characters){where}")
     near = difflib.get_close_matches(key, _valid_keys(RunConfig), n=1, cutoff=0.5)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
-    where = f" in {source}" if source else ""
     return ConfigError(f"unknown config key '{key}'{where}{hint}")
 
 
-def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+_OVERRIDDEN = -1  # in ``lines``: the key was set by an override, not by the file
+
+
+def _line(lines: dict[str, int] | None, key: str) -> int | None:
+    """The line of the file that set a dotted key (else its nearest section), if known."""
+    while lines and key and key not in lines:
+        key = key.rpartition(".")[0]
+    return (lines or {}).get(key)
+
+
+def _where(source: str, lines: dict[str, int] | None, key: str) -> str:
+    """`` (in FILE, line N)`` for a dotted key (see :func:`_line`); ``''`` without a file or
+    for a key an override set."""
+    line = _line(lines, key)
+    if not source or line == _OVERRIDDEN:
+        return ""
+    return f" (in {source}, line {line})" if line else f" (in {source})"
+
+
+def _build(cls: type, data: dict, prefix: str, source: str, lines: dict[str, int] | None = None) -> Any:
+    """``cls(**data)`` with every value checked; ``lines`` (dotted key → line of ``source``)
+    puts the line into the errors."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}{' in ' + source if source else ''}: expected a mapping, got {data!r}")
+        section = prefix.rstrip(".") or "config"
+        line = _line(lines, section)
+        where = (f" in {source}" + (f", line {line}" if line and line > 0 else "")) \
+            if source and line != _OVERRIDDEN else ""
+        raise ConfigError(f"{section}{where}: expected a mapping, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key not in names:
             full = prefix + str(key)
+            line = _line(lines, full)
             while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key
                 (sub, value), = value.items()
                 full += f".{sub}"
-            raise _unknown_key_error(full, source)
+            raise _unknown_key_error(full, "" if line == _OVERRIDDEN else source, line if line and line > 0 else None)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, prefix + name + ".", source)
+            kwargs[name] = _build(tp, {} if value is None else value, prefix + name + ".", source, lines)
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            try:
+                kwargs[name] = _coerce(value, tp, prefix + name, default)
+            except ConfigError as exc:
+                raise ConfigError(_clip(str(exc)) + _where(source, lines, prefix + name)) from None
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         # __post_init__ names the field; put the section path in front of it
-        raise ConfigError(f"{prefix}{exc}" + (f" (in {source})" if source else "")) from None
+        key = prefix + str(exc).split(":", 1)[0]
+        raise ConfigError(_clip(f"{prefix}{exc}") + _where(source, lines, key)) from None
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -719,24 +828,58 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path | str, text: str | None = None) -> dict:
+def _read_yaml(path: Path | str, text: str | None = None, lines: dict[str, int] | None = None) -> dict:
+    """The mapping a YAML file (or ``text``) holds; fills ``lines`` (dotted key → line) if given."""
     try:
         raw = text if text is not None else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    loader = None
     try:
-        data = yaml.safe_load(raw)
+        loader = yaml.SafeLoader(raw)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. NUL
+        line = raw[: exc.position].count("\n") + 1
+        raise ConfigError(f"{path}: line {line}, column {exc.position - raw.rfind(chr(10), 0, exc.position)} "
+                          f"invalid YAML: character #x{exc.character:04x} is not allowed") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{path}:{where} invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested more than {MAX_CONFIG_DEPTH} levels deep") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).split(';')[0]}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    _check_shape(data, str(path))
+    if lines is not None:
+        _key_lines(node, "", lines, set())
     return data
+
+
+def _key_lines(node: Any, prefix: str, out: dict[str, int], seen: set[int]) -> None:
+    """Dotted key → line of each mapping key under ``node`` (a shape checked already)."""
+    if not isinstance(node, yaml.MappingNode) or id(node) in seen:
+        return
+    seen.add(id(node))
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            key = prefix + str(key_node.value)
+            out.setdefault(key, key_node.start_mark.line + 1)
+            _key_lines(value_node, key + ".", out, seen)
 
 
 def list_presets() -> list[str]:
@@ -747,29 +890,37 @@ def list_presets() -> list[str]:
 
 def _preset_dict(name: str) -> dict:
     folder = resources.files("tether") / "configs"
-    entry = folder / f"{name}.yaml"
-    if not entry.is_file():
-        near = difflib.get_close_matches(name, list_presets(), n=1)
+    if not isinstance(name, str) or name not in list_presets():  # a name, never a path
+        near = difflib.get_close_matches(name, list_presets(), n=1) if isinstance(name, str) and len(name) < 100 else []
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError(f"unknown preset '{name}'{hint}; presets: {', '.join(list_presets())}")
+        shown = name if isinstance(name, str) and len(name) < 100 else _short(name)
+        raise ConfigError(f"unknown preset '{shown}'{hint}; presets: {', '.join(list_presets())}")
+    entry = folder / f"{name}.yaml"
     return _read_yaml(f"preset {name}", entry.read_text(encoding="utf-8"))
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``'ppo.kl.target=6'`` → ``('ppo.kl.target', 6)``; values are read as YAML scalars."""
+    """``'ppo.kl.target=6'`` → ``('ppo.kl.target', 6)``; values are read as YAML (``[a, b]`` is
+    a list); a value that is not valid YAML is kept as the text it is."""
+    if not isinstance(item, str):
+        raise ConfigError(f"an override must be text like section.key=value, got {_short(item)}")
     if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like section.key=value")
+        raise ConfigError(f"override {_short(item)} must look like section.key=value")
     key, raw = item.split("=", 1)
     key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {_short(item)} has no key; it must look like section.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer of more than 4300 digits
         value = raw
     return key, value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set dotted keys in a nested dict (checked later against the dataclasses)."""
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of 'section.key=value' texts, got the text {_short(overrides)}")
     out = copy.deepcopy(data)
     for item in overrides:
         key, value = parse_override(item)
@@ -795,17 +946,23 @@ def load_config(
 
     The preset is ``preset``, else the file's own ``preset:`` key, else ``default``.
     """
-    file_data = _read_yaml(path) if path else {}
+    lines: dict[str, int] = {}
+    file_data = _read_yaml(path, lines=lines) if path else {}
     name = preset or file_data.get("preset") or "default"
     data = _deep_merge(_preset_dict(name), file_data)
     data["preset"] = name
     data = apply_overrides(data, overrides or [])
+    for item in overrides or []:  # an error in what an override set names no line of the file
+        key = parse_override(item)[0]
+        lines = {k: v for k, v in lines.items() if not k.startswith(key + ".")}
+        lines[key] = _OVERRIDDEN
     source = str(path) if path else ""
-    return _build(RunConfig, data, "", source)
+    return _build(RunConfig, data, "", source, lines)
 
 
 def config_from_dict(data: dict) -> RunConfig:
     """Rebuild a config from :func:`config_to_dict` output (e.g. a run's config.yaml)."""
+    _check_shape(data, "")
     return _build(RunConfig, data, "", "")
 
 

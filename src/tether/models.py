@@ -21,6 +21,7 @@ from tether.zoo import resolve_model
 
 __all__ = [
     "load_tokenizer",
+    "check_same_tokenizer",
     "load_policy",
     "load_scalar_model",
     "scalar_heads",
@@ -47,6 +48,43 @@ def load_tokenizer(name: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_same_tokenizer(policy_tokenizer, other, what: str):
+    """Refuse a model whose tokenizer differs from the policy's, before it scores the policy's
+    token ids (e.g. ``monitor.heldout_rm``): ``other`` is a tokenizer or a zoo name, folder or
+    hub id whose tokenizer is loaded (as :func:`load_tokenizer` does). Compares the vocabularies
+    (``get_vocab()``, added tokens included) and the pad/eos/bos token ids. Returns the other
+    tokenizer; raises :class:`~tether.config.ConfigError` naming ``what``, both tokenizers and
+    the first difference."""
+    from tether.config import ConfigError
+
+    def name(tok, given=None) -> str:
+        return str(given or getattr(tok, "name_or_path", "") or type(tok).__name__)
+
+    given = None
+    if isinstance(other, (str, Path)):
+        given = str(other)
+        try:
+            other = load_tokenizer(given)
+        except Exception as exc:  # transformers' own errors: OSError, ValueError, ...
+            raise ConfigError(f"{what}: cannot load a tokenizer from {given}: {exc}") from None
+    mine, theirs = name(policy_tokenizer), name(other, given)
+    head = f"{what} ({theirs}) does not use the policy's tokenizer ({mine}): "
+    tail = "; it would read the policy's token ids as other tokens (use a model built on the policy's tokenizer)"
+    a, b = policy_tokenizer.get_vocab(), other.get_vocab()
+    if a != b:
+        if len(a) != len(b):
+            detail = f"its vocabulary has {len(b)} tokens, the policy's {len(a)}"
+        else:
+            token = next(t for t in sorted(set(a) | set(b)) if a.get(t) != b.get(t))
+            detail = f"token {token!r} has id {b.get(token)} there and {a.get(token)} in the policy's"
+        raise ConfigError(head + detail + tail)
+    for special in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        x, y = getattr(policy_tokenizer, special, None), getattr(other, special, None)
+        if x != y:
+            raise ConfigError(head + f"{special} is {y} there and {x} in the policy's" + tail)
+    return other
 
 
 def _lora_config(lora: LoRAConfig, task_type: str):

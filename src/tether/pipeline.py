@@ -184,8 +184,10 @@ class Pipeline:
         heldout_rm_fn = None
         if m.heldout_rm:
             from tether.algorithms.reward import ensemble_reward, score_rollout
-            from tether.models import load_scalar_model
+            from tether.models import check_same_tokenizer, load_scalar_model
 
+            # it scores the policy's token ids: a model on another tokenizer would read nonsense
+            check_same_tokenizer(self.encoder().tokenizer, m.heldout_rm, "monitor.heldout_rm")
             held = load_scalar_model(m.heldout_rm, self.cfg.model, pad_token_id=self.encoder().pad_id, num_labels=None)
             held.requires_grad_(False)
 

@@ -506,12 +506,12 @@ def create_app(checkpoint: str, *, model_name: str | None = None, max_new_tokens
         return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "tether"}]}
 
     def prepare(request: ChatRequest) -> tuple[list[int], int]:
-        from jinja2.exceptions import TemplateError
+        from tether.data.schemas import ChatFormatError
 
         try:
             ids = prompt_ids(chat.tokenizer, request.messages)
-        except TemplateError as exc:  # e.g. a template without a system role
-            raise RequestError(f"the model's chat template rejected these messages: {exc}", "messages") from None
+        except ChatFormatError as exc:  # e.g. a chat template without a system role
+            raise RequestError(str(exc), exc.field or "messages") from None
         return ids, chat.max_new_tokens(len(ids), request.max_tokens, max_new_tokens_limit)
 
     def complete(request: ChatRequest, ids: list[int], budget: int) -> dict:

@@ -79,8 +79,9 @@ def build_tiny_model(dest: Path, *, seed: int = 0, hidden_size: int = 64, layers
         eos_token_id=vocab["<|im_end|>"],
         bos_token_id=vocab["<|im_start|>"],
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # building it on first use must not move the run's random stream
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = vocab["<pad>"]
     model.generation_config.eos_token_id = vocab["<|im_end|>"]
     model.save_pretrained(dest)

@@ -2,6 +2,7 @@
 
 from tether.data.io import DataError, read_jsonl, write_json, write_jsonl
 from tether.data.schemas import (
+    ChatFormatError,
     Demonstration,
     Ranking,
     load_demonstrations,
@@ -14,6 +15,7 @@ from tether.data.tokenize import Encoder, pad_left, pad_right
 
 __all__ = [
     "DataError",
+    "ChatFormatError",
     "read_jsonl",
     "write_json",
     "write_jsonl",

@@ -21,6 +21,13 @@ Pairwise comparison (TRL's prompt/chosen/rejected; a ranking with K = 2). Option
 ``prompt`` may also be a list of chat messages ``[{"role": "user", "content": "..."}]``;
 ``chosen``/``rejected`` may be message lists ending in the assistant's turn (TRL's
 conversational form; without ``prompt`` the messages before that turn are the prompt).
+
+Every problem is a :class:`~tether.data.io.DataError` naming the file, line and field. A
+chat message is ``{"role": "system"|"user"|"assistant", "content": str}`` (other keys are
+dropped; any other role is an error; empty content is kept as it is). A ranking holds at
+most ``MAX_RESPONSES`` (128) responses: its K(K−1)/2 pairs are what training reads.
+:class:`ChatFormatError` is the error of :func:`check_messages`, for conversations that
+come from code rather than a file (the tokenizer's :func:`~tether.data.tokenize.chat_prompt_ids`).
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
-from tether.data.io import DataError, read_jsonl
+from tether.data.io import DataError, read_jsonl, short_repr
 
 __all__ = [
+    "ChatFormatError",
+    "check_messages",
     "Demonstration",
     "Ranking",
     "iter_records",
@@ -46,6 +55,48 @@ __all__ = [
 
 Prompt = Union[str, list]
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_RESPONSES = 128
+
+
+class ChatFormatError(ValueError):
+    """A conversation (or prompt, or response) that cannot be rendered into token ids: an
+    unknown role, content that is not a string, an empty message list, a lone surrogate, or
+    a chat template that rejects the messages. The message names the field, e.g.
+    ``messages[1].role``."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+def _message_problem(msg, where: str) -> tuple[str, str] | None:
+    """(field, what is wrong) of one chat message, or None when it is fine."""
+    if not isinstance(msg, dict):
+        return where, f"each message must be an object with role and content, got {type(msg).__name__}"
+    role, content = msg.get("role"), msg.get("content")
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        return f"{where}.role", f"unknown chat role {short_repr(role)}; expected one of {list(CHAT_ROLES)}"
+    if not isinstance(content, str):
+        return f"{where}.content", f"content must be a string, got {type(content).__name__}"
+    return None
+
+
+def check_messages(messages, name: str = "messages") -> list[dict]:
+    """``[{"role", "content"}, ...]`` checked (see the module docstring) and stripped to those
+    two keys; raises :class:`ChatFormatError` naming the bad field."""
+    if not isinstance(messages, list):
+        raise ChatFormatError(f"must be a list of chat messages, got {type(messages).__name__}", name)
+    if not messages:
+        raise ChatFormatError("message list must not be empty", name)
+    for i, msg in enumerate(messages):
+        problem = _message_problem(msg, f"{name}[{i}]")
+        if problem:
+            raise ChatFormatError(problem[1], problem[0])
+        try:
+            msg["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChatFormatError("holds a lone surrogate, which is not Unicode", f"{name}[{i}].content") from None
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 @dataclass
@@ -104,14 +155,9 @@ def _messages(value, path, line, fname: str) -> list:
     if not value:
         raise DataError(path, line, "message list must not be empty", field=fname)
     for i, msg in enumerate(value):
-        where = f"{fname}[{i}]"
-        if not isinstance(msg, dict):
-            raise DataError(path, line, "each message must be an object with role and content", field=where)
-        role, content = msg.get("role"), msg.get("content")
-        if role not in CHAT_ROLES:
-            raise DataError(path, line, f"unknown chat role {role!r}; expected one of {list(CHAT_ROLES)}", field=f"{where}.role")
-        if not isinstance(content, str):
-            raise DataError(path, line, "content must be a string", field=f"{where}.content")
+        problem = _message_problem(msg, f"{fname}[{i}]")
+        if problem:
+            raise DataError(path, line, problem[1], field=problem[0])
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -167,7 +213,7 @@ def _number(record: dict, key: str, path, line, lo: float, hi: float | None = No
         return None
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(path, line, f"must be a finite number, got {value!r}", field=key)
+        raise DataError(path, line, f"must be a finite number, got {short_repr(value)}", field=key)
     if value < lo or (hi is not None and value > hi):
         bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise DataError(path, line, f"must be {bounds if hi is None else 'in ' + bounds}, got {value}", field=key)
@@ -176,19 +222,21 @@ def _number(record: dict, key: str, path, line, lo: float, hi: float | None = No
 
 def _order(value, k: int, path, line) -> tuple[list[int], list[int] | None]:
     """``ranking`` → (order, tiers or None). A nested list is a group of tied responses."""
-    bad = DataError(path, line, f"must be a permutation of 0..{k - 1}, best first (a nested list "
-                                f"for a tie), got {value!r}", field="ranking")
+    def bad() -> DataError:
+        return DataError(path, line, f"must be a permutation of 0..{k - 1}, best first (a nested list "
+                                     f"for a tie), got {short_repr(value)}", field="ranking")
+
     if not isinstance(value, list):
-        raise bad
+        raise bad()
     order, tiers = [], []
     for tier, item in enumerate(value):
         group = item if isinstance(item, list) else [item]
         if not group or any(isinstance(i, bool) or not isinstance(i, int) for i in group):
-            raise bad
+            raise bad()
         order.extend(group)
         tiers.extend([tier] * len(group))
     if sorted(order) != list(range(k)):
-        raise bad
+        raise bad()
     return order, (tiers if len(set(tiers)) < k else None)
 
 
@@ -220,7 +268,7 @@ def parse_ranking(
             prompt = before_c
         tie = record.get("tie", False)
         if not isinstance(tie, bool):
-            raise DataError(path, line, f"must be true or false, got {tie!r}", field="tie")
+            raise DataError(path, line, f"must be true or false, got {short_repr(tie)}", field="tie")
         if tie and soft is not None and soft != 0.5:
             raise DataError(path, line, f"a tie has soft_label 0.5, got {soft}", field="soft_label")
         return Ranking(prompt, [chosen, rejected], [0, 1], rater, meta, tiers=[0, 0] if tie else None,
@@ -231,6 +279,9 @@ def parse_ranking(
     responses = record["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise DataError(path, line, "must be a list of at least 2 responses", field="responses")
+    if len(responses) > MAX_RESPONSES:
+        raise DataError(path, line, f"holds {len(responses)} responses, more than the {MAX_RESPONSES} allowed",
+                        field="responses")
     texts = [_assistant_turn(r, path, line, f"responses[{i}]", allow_empty_responses)[0] for i, r in enumerate(responses)]
     if "ranking" not in record:
         raise DataError(path, line, "missing (indices of 'responses', best first)", field="ranking")

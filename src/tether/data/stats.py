@@ -40,7 +40,8 @@ def file_stats(source, kind: str = "auto") -> dict:
     """Statistics of a JSONL file or dataset (every record validated first)."""
     kind = detect_kind(source) if kind == "auto" else kind
     records = [(where, line, rec) for where, line, rec in iter_records(source)]
-    raw = Counter(json.dumps(rec, sort_keys=True, ensure_ascii=False) for _, _, rec in records)
+    raw = Counter(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=repr)  # a dataset's
+                  for _, _, rec in records)                                        # dates, bytes
     out: dict = {"file": str(source), "kind": kind, "records": len(records),
                  "duplicate_records": sum(n - 1 for n in raw.values() if n > 1)}
     if kind == "demos":

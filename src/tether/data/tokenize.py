@@ -3,6 +3,14 @@
 A prompt is rendered with the tokenizer's chat template (``add_generation_prompt=True``);
 the response is tokenised on its own and followed by EOS. Concatenating the two is exactly
 what the policy sees when it generates, so SFT, reward scoring and PPO agree on token ids.
+
+A tokenizer without a chat template is not an error: the conversation is rendered as plain
+``role: content`` lines followed by ``assistant: `` (the same everywhere: training,
+sampling, judging, serving). Messages are checked first (:func:`tether.data.schemas.check_messages`):
+a role other than system/user/assistant, content that is not a string, or an empty list is
+a :class:`~tether.data.schemas.ChatFormatError` naming the message; so is a chat template
+that rejects the conversation (e.g. one without a system role). Empty content is rendered
+as it is.
 """
 
 from __future__ import annotations
@@ -11,15 +19,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Encoder", "TruncationStats", "chat_prompt_ids", "pad_right", "pad_left"]
+from tether.data.schemas import ChatFormatError, check_messages
+
+__all__ = ["ChatFormatError", "Encoder", "TruncationStats", "chat_prompt_ids", "pad_right", "pad_left"]
+
+
+def _tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation ready for the assistant's reply, as tether renders it
     everywhere (training, sampling, judging, serving): the tokenizer's chat template with a
-    generation prompt, else plain ``role: content`` lines followed by ``assistant: ``."""
+    generation prompt, else plain ``role: content`` lines followed by ``assistant: ``.
+
+    Raises :class:`ChatFormatError` for messages that are not system/user/assistant turns
+    with string content, and when the chat template rejects them."""
+    messages = check_messages(messages)
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except TemplateError as exc:  # e.g. raise_exception('System role not supported')
+            raise ChatFormatError(f"the tokenizer's chat template rejected these messages: {exc}",
+                                  "messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
@@ -53,7 +77,10 @@ class Encoder:
         self.stats = TruncationStats()
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before training")
+            from tether.config import ConfigError
+
+            raise ConfigError(f"the tokenizer of {_tokenizer_name(tokenizer)} has no eos_token; set one "
+                              "(tokenizer.eos_token = ...) before training")
 
     @property
     def eos_id(self) -> int:
@@ -65,6 +92,9 @@ class Encoder:
         return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
     def prompt_ids(self, prompt) -> list[int]:
+        """A prompt (text, or chat messages) → ids, cut from the left to ``max_prompt_length``."""
+        if not isinstance(prompt, (str, list)):
+            raise ChatFormatError(f"must be a string or a list of chat messages, got {type(prompt).__name__}", "prompt")
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         ids = chat_prompt_ids(self.tokenizer, messages)
         self.stats.seen += 1
@@ -74,6 +104,12 @@ class Encoder:
         return ids
 
     def response_ids(self, response: str, budget: int) -> list[int]:
+        if not isinstance(response, str):
+            raise ChatFormatError(f"must be a string, got {type(response).__name__}", "response")
+        try:
+            response.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChatFormatError("holds a lone surrogate, which is not Unicode", "response") from None
         ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"]) + [self.eos_id]
         if len(ids) > budget:
             self.stats.responses_cut += 1

@@ -72,12 +72,23 @@ def load_constitution(path: str | Path | None = None) -> list[Principle]:
     else:
         if not Path(path).is_file():
             raise DataError(path, None, "constitution file not found")
-        text, where = Path(path).read_text(encoding="utf-8"), str(path)
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+            raise DataError(where, line, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise DataError(where, None, f"cannot be read: {exc.strerror or exc}") from None
     try:
         items = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise DataError(where, None if line is None else line + 1, f"not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise DataError(where, None if mark is None else mark.line + 1, f"not valid YAML: {problem}") from None
+    except (ValueError, RecursionError) as exc:  # an integer of more than 4300 digits; nesting too deep
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise DataError(where, None, f"not valid YAML: {reason}") from None
     if not isinstance(items, list) or not items:
         raise DataError(where, None, "must be a non-empty YAML list of principles")
     out = []

@@ -97,6 +97,8 @@ def hash_token(token: str) -> str:
 class LabelStore:
     def __init__(self, path: str | Path, *, overlap: int | None = None):
         self.path = str(path)
+        if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1):
+            raise StoreError(f"overlap (labelers per item) must be an integer >= 1, got {overlap!r}")
         self.postgres = self.path.startswith(("postgresql://", "postgres://"))
         if self.postgres:
             try:
@@ -187,8 +189,13 @@ class LabelStore:
 
     # ------------------------------------------------------------------ items
     def add_items(self, records: list[dict], source: str = "") -> list[int]:
-        """Add ``{prompt, responses, gold?}`` records (already validated); returns their ids.
-        Gold, when given, is kept for the record and never shown to labelers."""
+        """Add ``{prompt, responses, gold?}`` records; returns their ids. Gold, when given, is
+        kept for the record and never shown to labelers. Files are validated with their line
+        numbers on the way in (``tether label import``); here a record that is not an item
+        (``prompt`` text or chat messages, ``responses`` 2+ strings, ``gold`` one finite
+        number per response) is a :class:`StoreError` naming its index, and nothing is added."""
+        for i, r in enumerate(records):
+            _check_item(r, i)
         now = time.time()
         ids = []
         with self._db(write=True) as db:
@@ -394,3 +401,22 @@ def _check_rubric(rubric) -> dict:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 5):
             raise StoreError(f"rubric score {k!r} must be 1-5, got {v!r}")
     return {k: v for k, v in rubric.items() if v is not None}
+
+
+def _check_item(r, i: int) -> None:
+    """An item record as :meth:`LabelStore.add_items` takes it, or a StoreError naming ``records[i]``."""
+    where = f"records[{i}]"
+    if not isinstance(r, dict):
+        raise StoreError(f"{where}: must be an object with prompt and responses, got {type(r).__name__}")
+    prompt = r.get("prompt")
+    if not (isinstance(prompt, str) and prompt.strip()) and not (
+            isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                        and isinstance(m.get("content"), str) for m in prompt)):
+        raise StoreError(f"{where}.prompt: must be non-empty text or a list of chat messages")
+    responses = r.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(x, str) for x in responses):
+        raise StoreError(f"{where}.responses: must be a list of at least 2 strings")
+    gold = r.get("gold")
+    if gold is not None and (not isinstance(gold, list) or len(gold) != len(responses) or any(
+            isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) for g in gold)):
+        raise StoreError(f"{where}.gold: must be a list of {len(responses)} finite numbers (one per response)")
