@@ -1,9 +1,10 @@
 """Nothing lost: crash-safe checkpoints, exact resume after SIGKILL, numerical guards.
 
 The end-to-end test kills ``tether run`` on the tiny preset with SIGKILL at random points
-of every stage (after an optimiser step or rollout, halfway through writing a checkpoint,
-or at a random moment), starts the same command again each time, and requires the final
-weights, metrics and monitor records to equal those of an uninterrupted run bit for bit.
+of every stage (training stages: after a random optimiser step or rollout, halfway through
+writing a checkpoint, after training; data and prefs: at a random moment), starts the same
+command again each time, and requires the final weights, metrics and monitor records to
+equal those of an uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from tether.errors import CheckpointError, NonFiniteError
 
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    # dropout draws from torch's global generator: a resume that lost the RNG state would differ
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.25), torch.nn.Tanh(), torch.nn.Linear(8, 1))
 
 
 def _train_steps(model, engine, plan, data, n, ckpt=None, state=None, start=0):
@@ -182,12 +184,16 @@ def test_every_zero_saves_nothing(tmp_path, data):
     assert not (tmp_path / "checkpoints").exists() and ckpt.resume(state) == 0
 
 
-def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path, data):
+def test_a_checkpoint_that_does_not_fit_the_model_is_set_aside(tmp_path, data, capsys):
+    """Weights that do not fit the model (names or shapes) are found before anything is
+    loaded; such a checkpoint is set aside with a warning and the stage starts over."""
     model, engine, plan, state, ckpt = _setup(tmp_path)
     _train_steps(model, engine, plan, data, 2, ckpt, state)
     other = torch.nn.Linear(4, 1)
-    with pytest.raises(CheckpointError, match="does not fit the model"):
-        ckpt.resume({**state, "policy": other})
+    before = _weights(other)
+    assert ckpt.resume({**state, "policy": other}) == 0
+    assert "does not fit the model" in capsys.readouterr().err
+    assert _equal(_weights(other), before)
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, data):
@@ -297,17 +303,68 @@ def test_nan_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
     with pytest.raises(NonFiniteError) as err:
         Pipeline(cfg).run()
     msg = str(err.value)
-    assert "3 optimiser steps in a row" in msg and "step-00000006" in msg and "resumes from it" in msg
+    assert "3 optimiser steps in a row" in msg and "step-00000006" in msg and "--checkpoint.resume force" in msg
     path, manifest = latest_valid(tmp_path / "sft" / "checkpoints")
     assert manifest["step"] == 6
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(path / "model-policy.safetensors")).values())
     assert not (tmp_path / "sft" / "stage.json").exists()
+    # the cause fixed, and a lower learning rate: go on from the last good checkpoint
     monkeypatch.setattr(sft_mod, "sft_micro_loss", real)
-    Pipeline(cfg).run()
+    lower = load_config(preset="tiny", overrides=[f"out={tmp_path}", "stages=[data,sft]", "report=false",
+                                                  "sft.epochs=1", "checkpoint.every=2", "sft.optim.lr=2.5e-4",
+                                                  "checkpoint.resume=force"])
+    Pipeline(lower).run()
     result = json.loads((tmp_path / "sft" / "stage.json").read_text())
     assert result["resumed_from_step"] == 6 and result["skipped_steps"] == 1 and math.isfinite(result["final_loss"])
+    rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["optim/lr"] for r in rows if r["step"] >= 6] == [2.5e-4] * len([r for r in rows if r["step"] >= 6])
+    assert rows[0]["optim/lr"] == 1e-3
+
+
+def test_kl_controller_ignores_a_non_finite_kl():
+    from tether.advantages import AdaptiveKLController
+
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=100)
+    assert ctl.update(float("nan"), 64) == 0.1 and ctl.update(float("inf"), 64) == 0.1
+    assert ctl.update(4.0, 100) == pytest.approx(0.1 * 1.2)
+
+
+def test_numpy_values_in_the_state_are_stored_and_unstorable_ones_refused(tmp_path, data):
+    import numpy as np
+
+    model, engine, plan, state, ckpt = _setup(tmp_path)
+    state["loop"]["gold"] = np.float64(0.25)  # a task's gold scores may be numpy numbers
+    state["loop"]["per_prompt"] = [np.float32(1.5), np.int64(3)]
+    _train_steps(model, engine, plan, data, 2, ckpt, state)
+    model, engine, plan, state, ckpt = _setup(tmp_path)
+    assert ckpt.resume(state) == 2
+    assert state["loop"]["gold"] == 0.25 and state["loop"]["per_prompt"] == [1.5, 3]
+    assert type(state["loop"]["gold"]) is float
+    state["loop"]["odd"] = object()
+    with pytest.raises(CheckpointError, match=r"cannot save step 4: the state of \['loop'\]"):
+        ckpt.save(4, state)
+    assert latest_valid(tmp_path / "checkpoints")[0].name == "step-00000002"
+
+
+def test_a_checkpoint_whose_state_cannot_be_read_falls_back(tmp_path, data, capsys):
+    """A state.pt that passes its manifest but cannot be loaded (written by other code, say)
+    is set aside like a corrupt one; nothing is loaded from it."""
+    import hashlib
+
+    model, engine, plan, state, ckpt = _setup(tmp_path)
+    _train_steps(model, engine, plan, data, 4, ckpt, state)
+    latest = tmp_path / "checkpoints" / "step-00000004"
+    torch.save({"loop": {"x": object()}}, latest / "state.pt")  # a pickle weights_only refuses
+    manifest = json.loads((latest / "manifest.json").read_text())
+    raw = (latest / "state.pt").read_bytes()
+    manifest["files"]["state.pt"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (latest / "manifest.json").write_text(json.dumps(manifest))
+    model, engine, plan, state, ckpt = _setup(tmp_path)
+    assert ckpt.resume(state) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert any(p.name.startswith(".corrupt-step-00000004") for p in (tmp_path / "checkpoints").iterdir())
 
 
 # --------------------------------------------------------------------------- SIGKILL, end to end
@@ -350,8 +407,10 @@ def _run(out: Path, fault: str | None = None, kill_after: tuple[Path, float] | N
 def _kill_plan(rng: random.Random) -> list[tuple[str, str | float]]:
     """Kills in stage order. Three SIGKILLs per training stage: after a random step,
     halfway through a checkpoint write, after a later random step (each one past where the
-    previous run resumes). The stages without optimiser steps (data, prefs) restart when cut
-    off: three kills at random moments after they start."""
+    previous run resumes); for ppo and dpo a fourth after training, before the stage's
+    stage.json. The stages without optimiser steps (data, prefs) restart when cut off: three
+    kills at random moments after they start (a kill that comes after the stage is over lands
+    in the next one)."""
     plan: list[tuple[str, str | float]] = []
     for stage in STAGES:
         if stage not in TRAINING:
@@ -364,6 +423,8 @@ def _kill_plan(rng: random.Random) -> list[tuple[str, str | float]]:
         plan += [(stage, f"{stage}:step:{a}"), (stage, f"{stage}:save:{n}")]
         resumed += EVERY * (n - 1)  # the n-th save of that run was cut off; the one before stands
         plan.append((stage, f"{stage}:step:{rng.randint(resumed + 1, steps)}"))
+        if stage in ("ppo", "dpo"):  # after training, before stage.json: saving, held-out checks, monitor.json
+            plan.append((stage, f"{stage}:end:1"))
     return plan
 
 
@@ -421,11 +482,21 @@ def test_a_changed_config_does_not_resume_an_old_checkpoint(tmp_path, _tether_ho
     base = [f"out={tmp_path}", "stages=[data,sft]", "report=false", "sft.epochs=1", "checkpoint.every=2"]
     assert _run_fault(base, "sft:step:5") == -signal.SIGKILL
     assert latest_valid(tmp_path / "sft" / "checkpoints")[1]["step"] == 4
+    # settings the stage does not train with change nothing: the stage list, eval, threads
+    p = Pipeline(load_config(preset="tiny", overrides=base + ["stages=[data,sft,prefs]", "eval.n_prompts=7",
+                                                             "threads=1"]))
+    assert p._resumable("sft") == 4
     p = Pipeline(load_config(preset="tiny", overrides=base + ["sft.optim.lr=5e-4"]))
     assert p._resumable("sft") is None
+    stale = list((tmp_path / ".stale").iterdir())
+    assert len(stale) == 1 and stale[0].name.startswith("sft-") and (stale[0] / "step-00000004").is_dir()
     p.run()
     assert "resumed_from_step" not in json.loads((tmp_path / "sft" / "stage.json").read_text())
     assert math.isfinite(json.loads((tmp_path / "sft" / "stage.json").read_text())["final_loss"])
+    # checkpoints a kill left in a finished stage (between its stage.json and the clean-up) go
+    (tmp_path / "sft" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    p.run()
+    assert not (tmp_path / "sft" / "checkpoints").exists()
 
 
 def _run_fault(overrides: list[str], fault: str) -> int:
@@ -456,7 +527,8 @@ def test_lora_stages_resume_exactly(tmp_path, monkeypatch, _tether_home):
 
     def cfg(out):
         return load_config(preset="tiny", overrides=[
-            f"out={out}", "stages=[data,sft,prefs,rm,ppo]", "report=false", "lora.enabled=true", "sft.epochs=1",
+            f"out={out}", "stages=[data,sft,prefs,rm,ppo]", "report=false", "lora.enabled=true", "lora.dropout=0.1",
+            "sft.epochs=1",
             "rm.epochs=1", "ppo.steps=4", "prefs.n_prompts=300", "checkpoint.every=2"])
 
     Pipeline(cfg(tmp_path / "straight")).run()

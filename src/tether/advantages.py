@@ -6,6 +6,8 @@ each row's episode ends at its last masked token.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tether.ops import last_true_index
@@ -174,6 +176,10 @@ class AdaptiveKLController:
         self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        """β after a rollout batch that measured ``current_kl``; a non-finite KL (a rollout
+        whose log-probs overflowed) leaves β as it is rather than making it NaN for good."""
+        if not math.isfinite(float(current_kl)):
+            return self.value
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value

@@ -23,8 +23,10 @@ the process's random generators and an algorithm's own loop variables.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -179,11 +181,7 @@ def latest_valid(root: str | Path, fingerprint: str | None = None, *, quarantine
         except CheckpointError as exc:
             warn(f"checkpoint {exc}; falling back to the previous one")
             if quarantine:
-                target = path.with_name(f".corrupt-{path.name}-{int(time.time())}")
-                try:
-                    path.rename(target)
-                except OSError:
-                    pass
+                _quarantine(path)
             continue
         if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
             continue
@@ -222,13 +220,14 @@ class Checkpointer:
         keep: newest checkpoints kept.
         stage: the stage's name (messages, crash tests).
         fingerprint: what the checkpoint must have been saved under to be resumed.
+        force: resume the newest checkpoint whatever its fingerprint (changed settings).
     """
 
     def __init__(self, root: str | Path, *, every: int = 25, every_minutes: float = 0.0, keep: int = 2,
-                 stage: str = "stage", fingerprint: str = "", say=None):
+                 stage: str = "stage", fingerprint: str = "", force: bool = False, say=None):
         self.root = Path(root)
         self.every, self.every_minutes, self.keep = int(every), float(every_minutes), max(1, int(keep))
-        self.stage, self.fingerprint = stage, fingerprint
+        self.stage, self.fingerprint, self.force = stage, fingerprint, force
         self.say = say or _info
         self.resumed_from: int | None = None
         self.saved: list[int] = []
@@ -243,37 +242,65 @@ class Checkpointer:
     @classmethod
     def from_config(cls, root, cfg, *, stage: str, fingerprint: str = "") -> "Checkpointer":
         return cls(root, every=cfg.every, every_minutes=cfg.every_minutes, keep=cfg.keep, stage=stage,
-                   fingerprint=fingerprint)
+                   fingerprint=fingerprint, force=cfg.resume == "force")
 
     # ------------------------------------------------------------------ resume
     def resume(self, components: dict[str, Any]) -> int:
-        """Load the newest intact checkpoint into ``components``; returns its step (0: none)."""
+        """Load the newest usable checkpoint into ``components``; returns its step (0: none).
+
+        Each checkpoint is first read whole and checked against the components (names,
+        shapes); one that fails its manifest or cannot be read is set aside with a warning
+        and the one before is tried. Only then is anything loaded, so a failed read never
+        leaves the model half overwritten. With ``force`` a checkpoint of another
+        fingerprint is used too, and objects that can (the engine) keep this run's settings.
+        """
         if not self.enabled:
             return 0
-        found = latest_valid(self.root, self.fingerprint)
-        if found is None:
-            return 0
-        path, manifest = found
         modules = {k: v for k, v in components.items() if isinstance(v, torch.nn.Module)}
         others = {k: v for k, v in components.items() if not isinstance(v, torch.nn.Module)}
+        while True:
+            found = latest_valid(self.root, None if self.force else self.fingerprint)
+            if found is None:
+                return 0
+            path, manifest = found
+            try:
+                weights, state = self._read(path, modules, others)
+                break
+            except (CheckpointError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+                _warn(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:300]}); "
+                      "falling back to the previous one")
+                _quarantine(path)
+        for name, module in modules.items():
+            _load_trainable(module, weights[name], path / f"model-{name}.safetensors")
+        for name, obj in others.items():
+            if self.force and "config_wins" in inspect.signature(obj.load_state_dict).parameters:
+                obj.load_state_dict(state[name], config_wins=True)
+            else:
+                obj.load_state_dict(state[name])
+        step = int(manifest["step"])
+        self.resumed_from = step
+        self._steps_seen = step
+        other = self.force and manifest.get("fingerprint") != self.fingerprint
+        self.say(f"  {self.stage}: resumed from step {step} ({path})"
+                 + (", under changed settings (checkpoint.resume: force)" if other else ""))
+        return step
+
+    @staticmethod
+    def _read(path: Path, modules: dict, others: dict) -> tuple[dict, dict]:
         from safetensors.torch import load_file
 
+        weights = {}
         for name, module in modules.items():
             f = path / f"model-{name}.safetensors"
             if not f.is_file():
                 raise CheckpointError(f"{path}: no weights for '{name}'")
-            _load_trainable(module, load_file(str(f)), f)
+            weights[name] = load_file(str(f))
+            _check_fits(module, weights[name], f)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         missing = [k for k in others if k not in state]
         if missing:
             raise CheckpointError(f"{path}/state.pt: no state for {missing}")
-        for name, obj in others.items():
-            obj.load_state_dict(state[name])
-        step = int(manifest["step"])
-        self.resumed_from = step
-        self._steps_seen = step
-        self.say(f"  {self.stage}: resumed from step {step} ({path})")
-        return step
+        return weights, state
 
     # ------------------------------------------------------------------ save
     def due(self, steps_done: int) -> bool:
@@ -314,10 +341,17 @@ class Checkpointer:
                 save_file(tensors, str(f))
                 files[f.name] = {}
             else:
-                others[key] = obj.state_dict()
+                others[key] = _plain(obj.state_dict())
         self._saves += 1
         _fault(self.stage, "save", self._saves)
         torch.save(others, tmp / "state.pt")
+        try:  # what resume will read, read now: a value it cannot load fails here, not after the crash
+            torch.load(tmp / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            bad = [k for k, v in others.items() if not _loads(v)]
+            raise CheckpointError(f"cannot save step {steps_done}: the state of {bad or list(others)} holds values "
+                                  f"a checkpoint cannot store ({exc})") from None
         files["state.pt"] = {}
         for fname in files:
             f = tmp / fname
@@ -362,18 +396,63 @@ def _info(msg: str) -> None:
     _say(f"[cyan]{msg}[/cyan]")
 
 
+def _plain(x: Any) -> Any:
+    """``x`` with NumPy scalars and arrays as Python numbers and tensors (a task's gold
+    scores may be ``np.float64``), so that ``weights_only`` loading accepts it."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_plain(v) for v in x)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy())
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _loads(value: Any) -> bool:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+        return True
+    except Exception:
+        return False
+
+
+def _quarantine(path: Path) -> None:
+    try:
+        path.rename(path.with_name(f".corrupt-{path.name}-{int(time.time())}"))
+    except OSError:
+        pass
+
+
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def _load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _check_fits(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     if set(params) != set(tensors):
         extra, missing = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
         raise CheckpointError(f"{source}: does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for n, p in params.items():
+        if tensors[n].shape != p.shape:
+            raise CheckpointError(f"{source}: '{n}' has shape {tuple(tensors[n].shape)}, the model {tuple(p.shape)}")
+
+
+def _load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    _check_fits(module, tensors, source)
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for n, p in params.items():
-            t = tensors[n]
-            if t.shape != p.shape:
-                raise CheckpointError(f"{source}: '{n}' has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-            p.copy_(t.to(p.device, p.dtype))
+            p.copy_(tensors[n].to(p.device, p.dtype))

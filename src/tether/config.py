@@ -510,6 +510,12 @@ class CheckpointConfig:
     keep: int = _f(2, "Checkpoints kept per stage (the newest); the one before the newest is the fallback when "
                       "the newest is found corrupt.")
     keep_after: bool = _f(False, "Keep a stage's checkpoints once it finishes (they are deleted by default).")
+    resume: Literal["auto", "force", "never"] = _f(
+        "auto", "auto: a cut-off stage resumes from its newest checkpoint when the stage's settings and the "
+                "results it reads are unchanged (else its checkpoints are moved aside and it starts again); "
+                "force: resume from the newest checkpoint even under changed settings (its weights, data "
+                "position and optimiser moments; learning rate and schedule from the new config), e.g. after "
+                "a stop on non-finite steps; never: always start a cut-off stage again.")
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "every", f"must be >= 0, got {self.every}")

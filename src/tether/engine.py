@@ -255,11 +255,24 @@ class Engine:
                 "step_count": self.step_count, "bad_steps_in_row": self.bad_steps_in_row,
                 "skipped_steps": self.skipped_steps, "calls": self.calls}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, config_wins: bool = False) -> None:
+        """Restore a saved optimiser, schedule and counters. ``config_wins``: a resume under
+        changed settings (``checkpoint.resume: force``) keeps the moments and the step count
+        but takes the learning rate, betas, weight decay and schedule from this run's config,
+        and starts the count of non-finite steps afresh."""
+        wanted = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if config_wins:
+            for group, mine in zip(self.optimizer.param_groups, wanted):
+                group.update({k: mine[k] for k in ("betas", "weight_decay", "initial_lr") if k in mine})
+            self.scheduler.base_lrs = base_lrs
+            self.scheduler.lr_lambdas = [_schedule(self.cfg, max(1, self.total_steps))] * len(base_lrs)
+            for group, base, fn in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
         self.step_count = int(state["step_count"])
-        self.bad_steps_in_row = int(state["bad_steps_in_row"])
+        self.bad_steps_in_row = 0 if config_wins else int(state["bad_steps_in_row"])
         self.skipped_steps = int(state["skipped_steps"])
         self.calls = int(state.get("calls", self.step_count + self.skipped_steps))
 

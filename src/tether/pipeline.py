@@ -36,6 +36,13 @@ __all__ = ["Pipeline", "run_pipeline", "STAGES", "TRAINING_STAGES"]
 #: stages with optimiser steps, which save resumable checkpoints as they go (the others are
 #: deterministic and start again when cut off; eval keeps each policy's finished evaluation)
 TRAINING_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")
+#: the config sections each training stage trains with (besides seed, model, lora, task)
+STAGE_SECTIONS = {"sft": ["sft"], "rm": ["rm"], "ppo": ["ppo", "monitor", "rm"], "dpo": ["dpo", "monitor"],
+                  "grpo": ["grpo", "monitor", "rm"], "rloo": ["rloo", "monitor", "rm"]}
+#: the stages whose results each training stage reads
+STAGE_INPUTS = {"sft": ["data"], "rm": ["data", "sft", "prefs"], "dpo": ["data", "sft", "prefs"],
+                "ppo": ["data", "sft", "prefs", "rm"], "grpo": ["data", "sft", "prefs", "rm"],
+                "rloo": ["data", "sft", "prefs", "rm"]}
 
 
 
@@ -240,22 +247,24 @@ class Pipeline:
 
     # ------------------------------------------------------------------ checkpoints
     def fingerprint(self, stage: str) -> str:
-        """What a stage's checkpoints are valid for: the run's config (less what cannot
-        change a stage's training: where the report and metrics go), the results of the
-        stages before it, and a flywheel round's starting points."""
+        """What a stage's checkpoints are valid for: the config sections the stage trains
+        with, the results of the stages it reads (their ``stage.json``), and a flywheel
+        round's starting points. Settings that cannot change its training (``stages``,
+        ``eval``, the report, trackers, threads, the checkpoint settings) are left out, so a
+        run cut off under ``--stages [data,sft]`` resumes under a plain ``tether run``."""
         from tether.checkpoint import fingerprint
 
-        conf = {k: v for k, v in config_to_dict(self.cfg).items() if k not in ("report", "trackers", "out")}
-        conf.pop("checkpoint", None)
+        conf = config_to_dict(self.cfg)
+        sections = ["seed", "model", "lora", "task", *STAGE_SECTIONS.get(stage, [stage])]
+        if stage in ("ppo", "grpo", "rloo"):
+            sections.append("reward")
         before = {}
-        for s in STAGES:
-            if s == stage:
-                break
+        for s in STAGE_INPUTS.get(stage, []):
             path = self.stage_dir(s) / "stage.json"
             if path.is_file():
                 before[s] = hashlib.sha256(path.read_bytes()).hexdigest()
-        return fingerprint(stage, conf, before, [self.sampler, self.start, [str(p) for p in self.carried_labels],
-                                                 self.round])
+        return fingerprint(stage, {k: conf.get(k) for k in sections}, before,
+                           [self.sampler, self.start, [str(p) for p in self.carried_labels], self.round])
 
     def make_checkpointer(self, stage: str):
         from tether.checkpoint import Checkpointer
@@ -264,23 +273,28 @@ class Pipeline:
                                         fingerprint=self.fingerprint(stage))
 
     def _resumable(self, stage: str) -> int | None:
-        """The step of the checkpoint a cut-off training stage resumes from, or None."""
-        if stage not in TRAINING_STAGES:
-            return None
+        """The step of the checkpoint a cut-off training stage resumes from, or None. Under
+        ``checkpoint.resume: auto``, checkpoints saved under other settings are moved aside
+        (``DIR/.stale/``), not deleted."""
         c = self.cfg.checkpoint
-        if not (c.every or c.every_minutes):
+        root = self.stage_dir(stage) / "checkpoints"
+        if stage not in TRAINING_STAGES or not root.is_dir():
+            return None
+        if c.resume == "never" or not (c.every or c.every_minutes):
             return None
         from tether.checkpoint import latest_valid
 
-        root = self.stage_dir(stage) / "checkpoints"
-        if not root.is_dir():
-            return None
-        found = latest_valid(root, self.fingerprint(stage))
-        if found is None:
-            _say(f"[yellow]note: {stage}: its checkpoints were saved under another config or other earlier "
-                 "results; the stage starts again[/yellow]")
-            return None
-        return int(found[1]["step"])
+        found = latest_valid(root, None if c.resume == "force" else self.fingerprint(stage))
+        if found is not None:
+            return int(found[1]["step"])
+        if latest_valid(root, quarantine=False) is not None:  # intact, but of other settings
+            stale = self.dir / ".stale" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+            stale.parent.mkdir(parents=True, exist_ok=True)
+            root.rename(stale)
+            _say(f"[yellow]note: {stage}: its checkpoints were saved under other settings or other results of "
+                 f"the stages it reads, so the stage starts again; they are kept in {stale} "
+                 f"(--checkpoint.resume force goes on from them instead)[/yellow]")
+        return None
 
     def _seed(self, offset: int) -> int:
         seed = self.cfg.seed * 1000 + offset
@@ -302,6 +316,8 @@ class Pipeline:
         for stage in stages:
             if self.is_done(stage):
                 _say(f"[dim]• {stage}: done already ({self.stage_dir(stage)}), skipped[/dim]")
+                if not self.cfg.checkpoint.keep_after:  # a kill between its stage.json and the clean-up
+                    shutil.rmtree(self.stage_dir(stage) / "checkpoints", ignore_errors=True)
                 continue
             folder = self.stage_dir(stage)
             resume = self._resumable(stage)
@@ -314,20 +330,24 @@ class Pipeline:
             atomic_write_text(folder / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
             _say(f"[bold]• {stage}[/bold]" + (f" (resuming: checkpoint of step {resume})" if resume is not None else ""))
             t0 = time.time()
-            from tether.errors import NonFiniteError
+            from tether.checkpoint import _fault
+            from tether.errors import CheckpointError, NonFiniteError
             from tether.models import autocast_context
 
             self._checkpointer = self.make_checkpointer(stage) if stage in TRAINING_STAGES else None
             try:
                 with autocast_context(self.cfg.model.autocast):
                     result = getattr(self, f"stage_{stage}")(folder)
-            except NonFiniteError as exc:
+            except (NonFiniteError, CheckpointError) as exc:
                 from tether.checkpoint import latest_valid
 
                 found = latest_valid(folder / "checkpoints", quarantine=False)
-                where = (f"its last good checkpoint, {found[0]} (step {found[1]['step']}), is kept, and the same "
-                         "command resumes from it" if found else "it had saved no checkpoint yet")
-                raise NonFiniteError(f"{exc}; {where}") from None
+                where = (f"its last good checkpoint, {found[0]} (step {found[1]['step']}), is kept: the same "
+                         "command repeats the same steps from it, and with changed settings (a lower learning "
+                         "rate, say) add --checkpoint.resume force to go on from it" if found
+                         else "it had saved no checkpoint yet")
+                raise type(exc)(f"{stage + ': ' if isinstance(exc, CheckpointError) else ''}{exc}; {where}") from None
+            _fault(stage, "end", 1)
             result["seconds"] = round(time.time() - t0, 2)
             write_json(folder / "stage.json", result)
             if self._checkpointer is not None:

@@ -67,7 +67,8 @@ def train_sft(
     model.train()
 
     loop = LoopState(tokens_seen=0, last={})
-    state = {"policy": model, "engine": engine, "data": plan, "rng": RNGState(), "loop": loop}
+    state = {"policy": model, "engine": engine, "data": plan, "rng": RNGState(), "loop": loop,
+             "truncation": encoder.stats}
     if logger is not None:
         state["metrics"] = logger
     start = checkpointer.resume(state) if checkpointer is not None else 0

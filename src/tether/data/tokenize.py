@@ -58,6 +58,14 @@ class TruncationStats:
     seen: int = 0
     examples: list = field(default_factory=list)
 
+    def state_dict(self) -> dict:
+        return {"prompts_cut": self.prompts_cut, "responses_cut": self.responses_cut, "seen": self.seen,
+                "examples": list(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompts_cut, self.responses_cut = int(state["prompts_cut"]), int(state["responses_cut"])
+        self.seen, self.examples = int(state["seen"]), list(state["examples"])
+
     def summary(self) -> str | None:
         if not (self.prompts_cut or self.responses_cut):
             return None
