@@ -1,0 +1,375 @@
+"""One measurement: train one stage with Tether or TRL on the same model, data,
+hyperparameters and seed, in this process, and print one JSON line.
+
+    python bench/workers.py --impl tether|trl --task sft|rm|dpo|grpo --model FOLDER --run RUN_DIR \
+        [--steps 12] [--batch 8] [--lr 1e-5] [--max-length 256] [--threads 2]
+
+``RUN_DIR`` is a finished ``tether run`` folder (its ``data/demos.jsonl``,
+``prefs/rankings.jsonl``, ``prefs/heldout.jsonl`` and training prompts are the data).
+``bench/compare.py`` runs this file in fresh processes, alternating the two sides.
+
+Timed: the training call alone (TRL's ``trainer.train()``, Tether's ``train_*``), after
+the model and data are loaded; each side's own per-step preprocessing and reference
+passes are inside it. Peak memory: the process's maximum resident set size. The quality
+figure is computed by one shared function for both sides, on held-out data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def matmul_peak(n: int = 2048, repeats: int = 8) -> float:
+    """FLOP/s of an n×n fp32 matrix product on this machine, now (the roofline for MFU)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def n_params(model) -> int:
+    """Parameters that do matrix work per token: every weight, the (tied) embedding once as
+    the output projection (its lookup does no FLOPs)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def load_data(run: Path):
+    from tether.data.io import read_jsonl
+    from tether.data.schemas import load_demonstrations, load_rankings, rankings_to_pairs
+
+    demos = load_demonstrations(run / "data" / "demos.jsonl")
+    rankings = load_rankings(run / "prefs" / "rankings.jsonl", allow_empty_responses=True)
+    pairs = [p for p in rankings_to_pairs(rankings) if not p.get("tie") and p["chosen"] and p["rejected"]]
+    heldout = [rec for _, rec in read_jsonl(run / "prefs" / "heldout.jsonl")]
+    prompts = [rec["prompt"] for _, rec in read_jsonl(run / "data" / "prompts_train.jsonl")]
+    return demos, pairs, heldout, prompts
+
+
+def token_count(tokenizer, prompt, response) -> tuple[int, int]:
+    from tether.data.tokenize import chat_prompt_ids
+
+    p = chat_prompt_ids(tokenizer, messages(prompt))
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return len(p), len(r) + 1
+
+
+def messages(prompt):
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+@torch.no_grad()
+def heldout_nll(model, tokenizer, demos, max_length: int) -> float:
+    """Mean per-token NLL of held-out demonstrations' responses (SFT quality)."""
+    from tether.algorithms.sft import collate_sft, sft_micro_loss
+    from tether.data.tokenize import Encoder
+
+    enc = Encoder(tokenizer, max_length, max_length // 2)
+    model.eval()
+    total = tokens = 0.0
+    for b in range(0, len(demos), 8):
+        batch = collate_sft(enc, demos[b : b + 8])
+        n = float(batch["loss_mask"][:, 1:].sum())
+        total += float(sft_micro_loss(model, batch, normalizer=n)) * n
+        tokens += n
+    return total / max(tokens, 1.0)
+
+
+@torch.no_grad()
+def heldout_pair_accuracy(score, heldout) -> float:
+    """Share of held-out response pairs with distinct gold that ``score(prompt, responses)``
+    orders as gold does (RM and DPO quality)."""
+    from tether.algorithms.reward import pairwise_accuracy
+
+    agree = total = 0
+    for g in heldout:
+        a, n = pairwise_accuracy(score(g["prompt"], g["responses"]), g["gold"])
+        agree, total = agree + a, total + n
+    return agree / max(total, 1)
+
+
+# --------------------------------------------------------------------------- tether
+
+
+def tether_side(args, demos, pairs, heldout, prompts, tokenizer):
+    from tether.config import DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RMConfig, SFTConfig
+    from tether.data.schemas import Demonstration, Ranking
+    from tether.data.tokenize import Encoder
+    from tether.models import frozen_copy, load_policy, load_scalar_model
+
+    mcfg = ModelConfig(name=args.model, max_length=args.max_length, max_prompt_length=args.max_length // 2,
+                       autocast="off")
+    enc = Encoder(tokenizer, args.max_length, args.max_length // 2)
+    optim = OptimConfig(lr=args.lr, batch_size=args.batch, micro_batch_size=args.micro or args.batch)
+    out = {}
+    if args.task == "sft":
+        model = load_policy(args.model, mcfg)
+        data = [Demonstration(d.prompt, d.response) for d in demos]
+        t0 = time.perf_counter()
+        from tether.algorithms.sft import train_sft
+
+        train_sft(model, enc, data, SFTConfig(max_steps=args.steps, optim=optim), seed=0)
+        out["seconds"] = time.perf_counter() - t0
+        out["items"] = args.steps * args.batch
+        out["quality"] = {"heldout_nll": heldout_nll(model, tokenizer, args.held_demos, args.max_length)}
+        return out, model
+    rankings = [Ranking(prompt=p["prompt"], responses=[p["chosen"], p["rejected"]], order=[0, 1]) for p in pairs]
+    if args.task == "rm":
+        from tether.algorithms.reward import score_responses, train_reward
+
+        model = load_scalar_model(args.model, mcfg, pad_token_id=enc.pad_id, num_labels=1)
+        t0 = time.perf_counter()
+        train_reward(model, enc, rankings, RMConfig(max_steps=args.steps, optim=optim), seed=0)
+        out["seconds"] = time.perf_counter() - t0
+        out["items"] = args.steps * args.batch
+        out["quality"] = {"heldout_pair_accuracy": heldout_pair_accuracy(
+            lambda p, rs: score_responses(model, enc, [p] * len(rs), rs).tolist(), heldout)}
+        return out, model
+    if args.task == "dpo":
+        from tether.algorithms.dpo import train_dpo
+
+        policy = load_policy(args.model, mcfg)
+        reference = frozen_copy(policy)
+        t0 = time.perf_counter()
+        train_dpo(policy, reference, enc, rankings, DPOConfig(max_steps=args.steps, beta=0.1, optim=optim), seed=0)
+        out["seconds"] = time.perf_counter() - t0
+        out["items"] = args.steps * args.batch
+        out["quality"] = {"heldout_pair_accuracy": dpo_accuracy(policy, reference, enc, heldout)}
+        return out, policy
+    if args.task == "grpo":
+        from tether.algorithms.grpo import train_grpo
+        from tether.config import GenerationConfig
+        from tether.tasks import get_task
+
+        task = get_task(args.task_name)
+        policy = load_policy(args.model, mcfg)
+        gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0, batch_size=args.batch)
+        cfg = GRPOConfig(steps=args.steps, rollout_batch_size=args.batch, samples_per_prompt=args.batch,
+                         mini_batch_size=args.batch, micro_batch_size=args.micro or args.batch, beta=args.grpo_beta,
+                         optim=OptimConfig(lr=args.lr, batch_size=args.batch, micro_batch_size=args.batch),
+                         generation=gen)
+        reference = frozen_copy(policy) if args.grpo_beta > 0 else None
+        t0 = time.perf_counter()
+        train_grpo(policy, reference, enc, prompts, lambda r: torch.tensor(task.gold_batch(r.prompts, r.texts)), cfg,
+                   seed=0)
+        out["seconds"] = time.perf_counter() - t0
+        out["items"] = args.steps * args.batch
+        out["quality"] = {"heldout_gold": sampled_gold(policy, enc, task, args)}
+        return out, policy
+    raise SystemExit(f"unknown task {args.task}")
+
+
+@torch.no_grad()
+def dpo_accuracy(policy, reference, enc, heldout) -> float:
+    """Held-out accuracy of the implicit reward log π − log π_ref against gold."""
+    from tether.algorithms.dpo import ranking_logps
+    from tether.algorithms.reward import collate_rankings
+    from tether.data.schemas import Ranking
+
+    policy.eval()
+
+    def score(prompt, responses):
+        batch = collate_rankings(enc, [Ranking(prompt=prompt, responses=responses, order=list(range(len(responses))))],
+                                 True, split=True)
+        return (ranking_logps(policy, batch)[0] - ranking_logps(reference, batch)[0])[0].tolist()
+
+    return heldout_pair_accuracy(score, heldout)
+
+
+@torch.no_grad()
+def sampled_gold(policy, enc, task, args, n: int = 32) -> float:
+    from tether.config import GenerationConfig
+    from tether.rollout import generate
+
+    policy.eval()
+    prompts = task.heldout_prompts()[:n]
+    rollout = generate(policy, enc, prompts, GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0,
+                                                              batch_size=n), seed=123)
+    gold = task.gold_batch(rollout.prompts, rollout.texts)
+    return sum(gold) / len(gold)
+
+
+# --------------------------------------------------------------------------- TRL
+
+
+def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tmp = tempfile.mkdtemp(prefix="trl-bench-")
+    common = dict(output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.micro or args.batch,
+                  gradient_accumulation_steps=args.batch // (args.micro or args.batch), learning_rate=args.lr,
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                  logging_steps=10**6, save_strategy="no", report_to=[], seed=0, use_cpu=True, bf16=False,
+                  fp16=False, dataloader_num_workers=0, disable_tqdm=True)
+    out = {}
+    if args.task == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        ds = Dataset.from_list([{"prompt": messages(d.prompt), "completion": [{"role": "assistant", "content": d.response}]}
+                                for d in demos])
+        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        trainer = SFTTrainer(model=model, args=SFTConfig(max_length=args.max_length, **common), train_dataset=ds,
+                             processing_class=tokenizer)
+        t0 = time.perf_counter()
+        trainer.train()
+        out["seconds"] = time.perf_counter() - t0
+        out["items"] = args.steps * args.batch
+        out["quality"] = {"heldout_nll": heldout_nll(model, tokenizer, args.held_demos, args.max_length)}
+        return out, model
+    ds = Dataset.from_list([{"prompt": messages(p["prompt"]), "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    if args.task == "rm":
+        from trl import RewardConfig, RewardTrainer
+
+        from tether.algorithms.reward import score_responses
+        from tether.data.tokenize import Encoder
+
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, torch_dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = RewardTrainer(model=model, args=RewardConfig(max_length=args.max_length, **common), train_dataset=ds,
+                                processing_class=tokenizer)
+        t0 = time.perf_counter()
+        trainer.train()
+        out["seconds"] = time.perf_counter() - t0
+        out["items"] = args.steps * args.batch
+        enc = Encoder(tokenizer, args.max_length, args.max_length // 2)
+        out["quality"] = {"heldout_pair_accuracy": heldout_pair_accuracy(
+            lambda p, rs: score_responses(model, enc, [p] * len(rs), rs).tolist(), heldout)}
+        return out, model
+    if args.task == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        from tether.data.tokenize import Encoder
+        from tether.models import frozen_copy
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        reference = frozen_copy(model)
+        trainer = DPOTrainer(model=model, ref_model=reference, args=DPOConfig(max_length=args.max_length, beta=0.1,
+                                                                              **common),
+                             train_dataset=ds, processing_class=tokenizer)
+        t0 = time.perf_counter()
+        trainer.train()
+        out["seconds"] = time.perf_counter() - t0
+        out["items"] = args.steps * args.batch
+        enc = Encoder(tokenizer, args.max_length, args.max_length // 2)
+        out["quality"] = {"heldout_pair_accuracy": dpo_accuracy(model, reference, enc, heldout)}
+        return out, model
+    if args.task == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        from tether.data.tokenize import Encoder
+        from tether.tasks import get_task
+
+        task = get_task(args.task_name)
+
+        def reward(prompts, completions, **_):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            asked = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+            return task.gold_batch(asked, texts)
+
+        ds = Dataset.from_list([{"prompt": messages(p)} for p in prompts])
+        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        cfg = GRPOConfig(num_generations=args.batch, max_completion_length=args.new_tokens, beta=args.grpo_beta,
+                         temperature=1.0, **{**common, "per_device_train_batch_size": args.batch,
+                                             "gradient_accumulation_steps": 1})
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tokenizer)
+        t0 = time.perf_counter()
+        trainer.train()
+        out["seconds"] = time.perf_counter() - t0
+        out["items"] = args.steps * args.batch
+        out["quality"] = {"heldout_gold": sampled_gold(model, Encoder(tokenizer, args.max_length, args.max_length // 2),
+                                                       task, args)}
+        return out, model
+    raise SystemExit(f"unknown task {args.task}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impl", choices=["tether", "trl"], required=True)
+    ap.add_argument("--task", choices=["sft", "rm", "dpo", "grpo"], required=True)
+    ap.add_argument("--model", required=True, help="an HF model folder (or a Tether zoo name)")
+    ap.add_argument("--run", required=True, help="a finished `tether run` folder: its data are the bench's data")
+    ap.add_argument("--task-name", default="instruct", help="the task whose gold scores GRPO (instruct or tiny)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--micro", type=int, default=0, help="micro-batch (default: the batch)")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=32, help="GRPO: tokens sampled per response")
+    ap.add_argument("--grpo-beta", type=float, default=0.0, help="GRPO: KL coefficient (TRL's default is 0)")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TETHER_QUIET", "1")
+    torch.manual_seed(0)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from tether.models import load_tokenizer
+    from tether.zoo import resolve_model
+
+    args.model = resolve_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    demos, pairs, heldout, prompts = load_data(Path(args.run))
+    # one pass over exactly the data the steps use (a bigger set would only add up-front
+    # work, e.g. reference log-probs for pairs no step reaches); held-out demos from the end
+    used = args.steps * args.batch
+    held_demos = demos[-64:]
+    demos, pairs = demos[:used], pairs[:used]
+    if len(demos) < used and args.task == "sft" or len(pairs) < used and args.task in ("rm", "dpo"):
+        raise SystemExit(f"{args.run} has too few examples for {args.steps} steps of {args.batch}")
+    args.held_demos = held_demos
+    side = tether_side if args.impl == "tether" else trl_side
+    out, model = side(args, demos, pairs, heldout, prompts, tokenizer)
+    # tokens the timed work trained on, for model FLOPs (6·N per trained token; 2·N per
+    # token of a forward-only pass: DPO's reference, GRPO's sampling)
+    n = n_params(model)
+    if args.task == "sft":
+        lengths = [sum(token_count(tokenizer, d.prompt, d.response)) for d in demos[: args.steps * args.batch]]
+        flops = 6 * n * sum(lengths)
+    elif args.task in ("rm", "dpo"):
+        lengths = [sum(token_count(tokenizer, p["prompt"], p["chosen"])) + sum(token_count(tokenizer, p["prompt"], p["rejected"]))
+                   for p in pairs[: args.steps * args.batch]]
+        flops = (6 + (2 if args.task == "dpo" else 0)) * n * sum(lengths)
+    else:
+        prompt_len = sum(token_count(tokenizer, p, "")[0] for p in prompts[: args.steps]) / max(args.steps, 1)
+        per_sample = prompt_len + args.new_tokens
+        flops = args.steps * args.batch * (2 * n * args.new_tokens + 6 * n * per_sample)
+    peak = matmul_peak()
+    out.update(impl=args.impl, task=args.task, model=args.model, steps=args.steps, batch=args.batch,
+               per_s=out["items"] / out["seconds"], peak_rss_gb=round(peak_rss_gb(), 3), params=n,
+               model_flops=flops, achieved_gflops=flops / out["seconds"] / 1e9, peak_gflops=peak / 1e9,
+               mfu=flops / out["seconds"] / peak, threads=torch.get_num_threads())
+    print("BENCH " + json.dumps(out), flush=True)
+    return 0 if math.isfinite(out["per_s"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
