@@ -555,3 +555,38 @@ def test_lora_stages_resume_exactly(tmp_path, monkeypatch, _tether_home):
         assert all(torch.equal(a[k], b[k]) for k in a), stage
         resumed = json.loads((tmp_path / "crashed" / stage / "stage.json").read_text())["resumed_from_step"]
         assert resumed == {"sft": 4, "rm": 2, "ppo": 2}[stage]
+
+
+def test_sampling_does_not_depend_on_earlier_calls(tiny_path, tiny_tokenizer):
+    """transformers sizes a static KV cache for the longest of all earlier generate calls;
+    Tether sizes it for each call, so a resumed run (a fresh model) samples exactly as an
+    uninterrupted one (bf16 rounding depends on the attention's length)."""
+    from transformers.generation.utils import GenerationMixin
+
+    from tether.config import GenerationConfig, ModelConfig
+    from tether.data.tokenize import Encoder
+    from tether.models import load_policy
+    from tether.rollout import generate
+
+    sizes = []
+    real = GenerationMixin._prepare_static_cache
+
+    def spy(self, *args, **kwargs):
+        cache = real(self, *args, **kwargs)
+        sizes.append(self._previous_max_cache_length)
+        return cache
+
+    enc = Encoder(tiny_tokenizer, 64, 48)
+    gen = GenerationConfig(max_new_tokens=8, temperature=1.0, batch_size=4)
+    long_prompts, short = [" ".join(["the"] * 40)] * 4, ["so"] * 4
+    GenerationMixin._prepare_static_cache = spy
+    try:
+        model = load_policy(tiny_path, ModelConfig(name=tiny_path, autocast="off"), trainable=False)
+        generate(model, enc, long_prompts, gen, seed=1)
+        after_long = generate(model, enc, short, gen, seed=2)
+        fresh = load_policy(tiny_path, ModelConfig(name=tiny_path, autocast="off"), trainable=False)
+        alone = generate(fresh, enc, short, gen, seed=2)
+    finally:
+        GenerationMixin._prepare_static_cache = real
+    assert len(sizes) == 3 and sizes[0] > sizes[1] == sizes[2]  # the short call's cache is its own size
+    assert torch.equal(after_long.response_ids, alone.response_ids)

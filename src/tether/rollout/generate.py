@@ -175,6 +175,11 @@ def generate(
             )
             if _static_cache_ok(model, device):
                 kwargs["cache_implementation"] = "static"
+                # transformers sizes a static cache for the longest of all earlier calls, so the
+                # attention's length (and, in bf16, its rounding) would depend on the call history:
+                # a resumed run would sample differently from an uninterrupted one. Size it for this call.
+                if hasattr(model, "_previous_max_cache_length"):
+                    model._previous_max_cache_length = -1
             if sampling:
                 kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
             else:
