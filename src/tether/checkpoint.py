@@ -270,6 +270,8 @@ class Checkpointer:
                 _warn(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:300]}); "
                       "falling back to the previous one")
                 _quarantine(path)
+                if path.exists():  # could not be set aside (a read-only folder): never try it twice
+                    raise CheckpointError(f"{path} cannot be read and cannot be set aside; move it away") from None
         for name, module in modules.items():
             _load_trainable(module, weights[name], path / f"model-{name}.safetensors")
         for name, obj in others.items():
