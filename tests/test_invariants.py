@@ -134,3 +134,54 @@ def test_training_inside_one_autocast_context_sees_every_step(tiny_path, tiny_to
     fresh = train(per_step, one_context=False)
     assert one[2] < one[0] - 1e-3  # the loss moves
     assert one == pytest.approx(fresh, abs=1e-4)
+
+
+@pytest.mark.parametrize("trainer", ["sft", "rm", "dpo"])
+def test_length_grouped_passes_equal_one_batch(tiny_path, tiny_tokenizer, trainer):
+    """optim.micro_batch_tokens sorts a step's items by length and cuts them into several
+    forward passes; the weights equal one pass of the whole batch in data order."""
+    from tether.algorithms.reward import ranking_cost
+    from tether.engine import length_groups
+
+    torch.manual_seed(0)
+    encoder = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    whole = OptimConfig(lr=1e-3, batch_size=8, micro_batch_size=8, micro_batch_tokens=0)
+    budget = 60 if trainer == "sft" else 200
+    grouped = OptimConfig(lr=1e-3, batch_size=8, micro_batch_size=8, micro_batch_tokens=budget)
+    if trainer == "sft":
+        base = load_policy(tiny_path, MODEL)
+        data = _demos(24)
+
+        def cost(i):
+            p, (r,) = encoder.lengths(data[i].prompt, [data[i].response])
+            return 1, p + r
+
+        def run(model, optim):
+            train_sft(model, encoder, data, SFTConfig(max_steps=3, optim=optim), seed=11)
+    else:
+        data = _rankings(24)
+        cost = ranking_cost(encoder, data)
+        if trainer == "rm":
+            base = load_scalar_model(tiny_path, MODEL, pad_token_id=encoder.pad_id)
+
+            def run(model, optim):
+                train_reward(model, encoder, data, RMConfig(max_steps=3, optim=optim), seed=11)
+        else:
+            from tether.algorithms.dpo import train_dpo
+            from tether.config import DPOConfig
+            from tether.models import frozen_copy
+
+            base = load_policy(tiny_path, MODEL)
+
+            def run(model, optim):
+                train_dpo(model, frozen_copy(model), encoder, data, DPOConfig(max_steps=3, optim=optim), seed=11)
+
+    passes = length_groups([list(range(8))], cost, 8, budget)
+    assert 2 <= len(passes) < 8, f"the budget should cut 8 items into a few passes, got {passes}"
+    assert sorted(i for p in passes for i in p) == list(range(8))
+    base = base.double()
+    m_whole, m_grouped = copy.deepcopy(base), copy.deepcopy(base)
+    run(m_whole, whole)
+    run(m_grouped, grouped)
+    assert _max_weight_diff(base, m_whole) > 1e-4
+    assert _max_weight_diff(m_whole, m_grouped) < 1e-9

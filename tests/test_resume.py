@@ -299,7 +299,8 @@ def test_nan_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
 
     monkeypatch.setattr(sft_mod, "sft_micro_loss", poisoned)
     cfg = load_config(preset="tiny", overrides=[f"out={tmp_path}", "stages=[data,sft]", "report=false",
-                                                "sft.epochs=1", "checkpoint.every=2", "sft.optim.max_nonfinite_steps=3"])
+                                                "sft.epochs=1", "checkpoint.every=2", "sft.optim.max_nonfinite_steps=3",
+                                                "sft.optim.micro_batch_tokens=0"])  # one loss call per step
     with pytest.raises(NonFiniteError) as err:
         Pipeline(cfg).run()
     msg = str(err.value)
@@ -314,7 +315,7 @@ def test_nan_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
     monkeypatch.setattr(sft_mod, "sft_micro_loss", real)
     lower = load_config(preset="tiny", overrides=[f"out={tmp_path}", "stages=[data,sft]", "report=false",
                                                   "sft.epochs=1", "checkpoint.every=2", "sft.optim.lr=2.5e-4",
-                                                  "checkpoint.resume=force"])
+                                                  "sft.optim.micro_batch_tokens=0", "checkpoint.resume=force"])
     Pipeline(lower).run()
     result = json.loads((tmp_path / "sft" / "stage.json").read_text())
     assert result["resumed_from_step"] == 6 and result["skipped_steps"] == 1 and math.isfinite(result["final_loss"])

@@ -110,6 +110,11 @@ class OptimConfig:
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
     batch_size: int = _f(32, "Examples per optimiser step (the global batch).")
     micro_batch_size: int = _f(32, "Examples per forward pass; batch_size / micro_batch_size = accumulation steps.")
+    micro_batch_tokens: int = _f(-1, "Padded tokens per forward pass: the examples of each optimiser step are "
+                                 "sorted by length and cut into passes of at most micro_batch_size examples and "
+                                 "this many tokens (rows × longest row), so short examples are not padded to long "
+                                 "ones and activations stay small. Same gradient. -1 = auto (512 on a CPU, "
+                                 "16384 on a GPU); 0 = micro_batch_size examples in data order.")
     max_nonfinite_steps: int = _f(5, "Stop the stage after this many optimiser steps in a row with a non-finite "
                                      "loss or gradient (each is skipped, weights untouched, and logged).")
 
@@ -123,6 +128,8 @@ class OptimConfig:
             f"must divide batch_size ({self.batch_size}), got {self.micro_batch_size}",
         )
         _check(len(self.betas) == 2, "betas", "must be two numbers")
+        _check(self.micro_batch_tokens >= -1, "micro_batch_tokens", f"must be -1 (auto), 0 (off) or a token count, "
+               f"got {self.micro_batch_tokens}")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
 
 

@@ -17,7 +17,8 @@ import torch
 
 from tether.config import OptimConfig
 
-__all__ = ["Engine", "MetricsLogger", "NonFiniteError", "progress_bar", "plan_steps", "batch_indices", "BatchPlan"]
+__all__ = ["Engine", "MetricsLogger", "NonFiniteError", "progress_bar", "plan_steps", "batch_indices", "BatchPlan",
+           "length_groups", "token_budget"]
 
 
 from tether.errors import NonFiniteError  # noqa: E402 - re-exported here
@@ -73,6 +74,42 @@ class BatchPlan:
             raise ValueError(f"the checkpoint's data had {state['n_items']} items, this run's {self.n_items}")
         self.order = list(state["order"])
         self.generator.set_state(state["generator"])
+
+
+def token_budget(micro_batch_tokens: int, device: torch.device | str = "cpu") -> int:
+    """``optim.micro_batch_tokens`` resolved: -1 (auto) is 512 padded tokens per forward pass
+    on a CPU (where a pass costs its tokens and small matrices lose little) and 16384 on
+    an accelerator (where bigger passes fill the device); 0 stays off."""
+    if micro_batch_tokens != -1:
+        return micro_batch_tokens
+    return 512 if torch.device(device).type == "cpu" else 16384
+
+
+def length_groups(micro: list[list[int]], cost, max_items: int, max_tokens: int) -> list[list[int]]:
+    """The items of one optimiser step (``micro``: the plan's micro-batches) regrouped into
+    forward passes of similar length.
+
+    ``cost(i)`` → (rows, length): the rows item ``i`` adds to a pass and the padded length
+    of its longest row. Items are sorted by length and cut into passes of at most
+    ``max_items`` items and ``rows × longest ≤ max_tokens`` padded tokens (an item too big
+    alone is a pass of its own). The same items give the same gradient (the losses are
+    normalised over the whole step), up to the order of float sums; with less padding and
+    smaller activations. ``max_tokens`` 0 keeps the plan's micro-batches as they are.
+    """
+    if max_tokens <= 0:
+        return micro
+    items = sorted((i for m in micro for i in m), key=lambda i: (cost(i)[1], i))
+    groups: list[list[int]] = []
+    rows = longest = 0
+    for i in items:
+        r, length = cost(i)
+        if groups and groups[-1] and len(groups[-1]) < max_items and (rows + r) * max(longest, length) <= max_tokens:
+            groups[-1].append(i)
+            rows, longest = rows + r, max(longest, length)
+        else:
+            groups.append([i])
+            rows, longest = r, length
+    return groups
 
 
 class MetricsLogger:
@@ -196,6 +233,15 @@ def _open_tracker(name: str, tensorboard_dir, run_name: str, project: str) -> _S
     raise ValueError(f"unknown tracker {name!r}; use tensorboard, wandb, mlflow or trackio")
 
 
+def _fused_ok(params: list[torch.Tensor]) -> bool:
+    """AdamW's fused kernel (one pass over each tensor instead of a dozen elementwise ops;
+    the default of HF's Trainer too) runs on CPU and CUDA for float parameters; it needs all
+    of them on one device type."""
+    kinds = {p.device.type for p in params}
+    return len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(
+        p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for p in params)
+
+
 def _schedule(cfg: OptimConfig, total_steps: int):
     warmup = int(round(cfg.warmup_ratio * total_steps))
 
@@ -236,7 +282,8 @@ class Engine:
         if not self.params:
             raise ValueError("no trainable parameters")
         self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                           fused=_fused_ok(self.params) or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg, max(1, total_steps)))
         self.total_steps = total_steps
         self.step_count = 0

@@ -25,7 +25,7 @@ from tether.config import DPOConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder
 from tether.checkpoint import Checkpointer, LoopState, RNGState
-from tether.engine import BatchPlan, Engine, MetricsLogger, plan_steps, progress_bar
+from tether.engine import BatchPlan, Engine, MetricsLogger, length_groups, plan_steps, progress_bar, token_budget
 from tether.losses import dpo_loss, orpo_loss, simpo_loss
 from tether.models import grouped_logprobs, reference_context
 
@@ -179,7 +179,7 @@ def train_dpo(
         checkpointer: saves the training state as it goes and resumes from its newest
             checkpoint.
     """
-    from tether.algorithms.reward import collate_rankings
+    from tether.algorithms.reward import collate_rankings, ranking_cost
 
     optim = cfg.optim
     if cfg.loss not in REFERENCE_FREE and ref_logps is None:
@@ -202,9 +202,12 @@ def train_dpo(
     bar.update(start)
     if monitor is not None and not start:
         monitor.check(0)
+    budget = token_budget(optim.micro_batch_tokens, device)
+    cost = ranking_cost(encoder, rankings)
     for step in range(start, 0 if loop["stopped"] else total):
+        groups = length_groups(plan.next(), cost, optim.micro_batch_size, budget)
         micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt, split=True))
-                 for idx in plan.next()]
+                 for idx in groups]
         n_global = sum(n_pairs(m["slot_mask"]) for _, m in micro)
         sums: dict[str, float] = {}
         for idx, m in micro:

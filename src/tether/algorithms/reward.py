@@ -16,11 +16,11 @@ from tether.config import RMConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder, pad_left, pad_right
 from tether.checkpoint import Checkpointer, LoopState, RNGState
-from tether.engine import BatchPlan, Engine, MetricsLogger, plan_steps, progress_bar
+from tether.engine import BatchPlan, Engine, MetricsLogger, length_groups, plan_steps, progress_bar, token_budget
 from tether.losses import ensemble_ranking_loss, ranking_loss_terms
 from tether.models import grouped_token_scalars, token_scalars
 
-__all__ = ["collate_rankings", "ranking_scores", "bootstrap_weights", "ensemble_reward", "ensemble_spread", "train_reward", "score_responses", "score_rollout", "pairwise_accuracy"]
+__all__ = ["ranking_cost", "collate_rankings", "ranking_scores", "bootstrap_weights", "ensemble_reward", "ensemble_spread", "train_reward", "score_responses", "score_rollout", "pairwise_accuracy"]
 
 
 def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bool = True,
@@ -57,6 +57,17 @@ def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bo
     input_ids, attention_mask = pad_right([q + a for q, a in zip(queries, answers)], encoder.pad_id)
     out.update(input_ids=input_ids, attention_mask=attention_mask, last=attention_mask.sum(dim=1) - 1)
     return out
+
+
+def ranking_cost(encoder: Encoder, rankings: list[Ranking]):
+    """``cost(i)`` for :func:`tether.engine.length_groups`: ranking i's K rows and the length
+    of its prompt plus its longest response (a bound on what it adds to a padded pass)."""
+    def cost(i: int) -> tuple[int, int]:
+        r = rankings[i]
+        p, lengths = encoder.lengths(r.prompt, list(r.responses))
+        return len(lengths), p + max(lengths)
+
+    return cost
 
 
 def pair_labels(rankings: list[Ranking], k_max: int) -> dict[str, torch.Tensor]:
@@ -142,8 +153,11 @@ def train_reward(
     start_time = time.time()
     bar = progress_bar(total, "reward model" if heads == 1 else f"reward model ({heads} heads)")
     bar.update(start)
+    budget = token_budget(optim.micro_batch_tokens, device)
+    cost = ranking_cost(encoder, rankings)
     for step in range(start, total):
-        micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt)) for idx in plan.next()]
+        groups = length_groups(plan.next(), cost, optim.micro_batch_size, budget)
+        micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt)) for idx in groups]
         # Σ weight·terms per head over the whole batch: micro-batch losses add up to its mean
         normaliser = sum((weights[idx] * ranking_loss_terms(torch.zeros(*m["slot_mask"].shape, heads), m["slot_mask"],
                                                             cfg.loss)[1]).sum(dim=0) for idx, m in micro)

@@ -15,7 +15,7 @@ from tether.config import SFTConfig
 from tether.data.schemas import Demonstration
 from tether.data.tokenize import Encoder, pad_right
 from tether.checkpoint import Checkpointer, LoopState, RNGState
-from tether.engine import BatchPlan, Engine, MetricsLogger, plan_steps, progress_bar
+from tether.engine import BatchPlan, Engine, MetricsLogger, length_groups, plan_steps, progress_bar, token_budget
 from tether.losses import sft_loss
 from tether.models import policy_logits
 
@@ -75,8 +75,15 @@ def train_sft(
     start_time, tokens0 = time.time(), loop["tokens_seen"]
     bar = progress_bar(total, "sft")
     bar.update(start)
+    budget = token_budget(optim.micro_batch_tokens, device)
+
+    def cost(i: int) -> tuple[int, int]:
+        p, (r,) = encoder.lengths(demos[i].prompt, [demos[i].response])
+        return 1, p + r
+
     for step in range(start, total):
-        micro = [collate_sft(encoder, [demos[i] for i in idx]) for idx in plan.next()]
+        groups = length_groups(plan.next(), cost, optim.micro_batch_size, budget)
+        micro = [collate_sft(encoder, [demos[i] for i in idx]) for idx in groups]
         n_tokens = sum(int(m["loss_mask"][:, 1:].sum()) for m in micro)
         loss_total = 0.0
         for m in micro:

@@ -130,6 +130,16 @@ class Encoder:
         r = self.response_ids(response, self.max_length - len(p))
         return p, r
 
+    def lengths(self, prompt, responses: list[str]) -> tuple[int, list[int]]:
+        """Token counts (prompt, each response with its EOS) of :meth:`example`, without
+        counting them in ``stats`` (for sizing forward passes before the real encoding)."""
+        saved = self.stats.state_dict()
+        try:
+            p = self.prompt_ids(prompt)
+            return len(p), [len(self.response_ids(r, self.max_length - len(p))) for r in responses]
+        finally:
+            self.stats.load_state_dict(saved)
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if self.eos_id in ids:
