@@ -21,20 +21,27 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-UNITS = {"sft": "examples/s", "rm": "pairs/s", "dpo": "pairs/s", "grpo": "samples/s", "ppo": "samples/s"}
+UNITS = {"sft": "examples/s", "rm": "pairs/s", "dpo": "pairs/s", "grpo": "samples/s", "ppo": "samples/s",
+         "ppo-head": "samples/s"}
 
 
 def run_one(impl: str, task: str, args) -> dict:
+    extra = []
+    if task == "ppo-head":  # Tether's PPO with its value head instead of a second backbone
+        task, extra = "ppo", ["--ppo-critic", "head"]
     cmd = [sys.executable, str(HERE / "workers.py"), "--impl", impl, "--task", task, "--model", args.model,
            "--run", args.run, "--steps", str({"grpo": args.grpo_steps, "ppo": args.ppo_steps}.get(task, args.steps)),
            "--batch", str(args.batch), "--lr", str(args.lr), "--max-length", str(args.max_length),
            "--task-name", args.task_name, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+    cmd += extra
     if task == "ppo" and impl == "trl":
         cmd += ["--trl-path", args.trl_ppo_path]
     if args.trl_gc:
         cmd += ["--trl-gc"]
     if args.device != "cpu":
         cmd += ["--device", args.device]
+    if args.no_quality:
+        cmd += ["--no-quality"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
@@ -62,6 +69,8 @@ def quality(rows: list[dict]) -> tuple[str, float, float]:
 def quality_cells(t: list[dict], r: list[dict]) -> str:
     name, tv, ts = quality(t)
     _, rv, rs = quality(r)
+    if tv != tv or rv != rv:  # not measured (--no-quality)
+        return "n/a | n/a | n/a"
     noise = 2 * (ts**2 + rs**2) ** 0.5
     verdict = "yes" if abs(tv - rv) <= noise else ("better" if (tv < rv) == (name == "heldout_nll") else "no")
     return f"{name}: {tv:.3f} ± {ts:.3f} | {rv:.3f} ± {rs:.3f} | {verdict}"
@@ -101,6 +110,7 @@ def main(argv=None) -> int:
                     help="PPO: a folder holding trl==1.10.0 (pip install --no-deps --target DIR trl==1.10.0)")
     ap.add_argument("--trl-gc", action="store_true", help="TRL with gradient checkpointing (its default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    ap.add_argument("--no-quality", action="store_true", help="skip held-out quality (random-weight models)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--max-length", type=int, default=256)
@@ -108,7 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", help="also write the table (Markdown) and the raw runs (JSON beside it)")
     args = ap.parse_args(argv)
-    if "ppo" in args.tasks.split(",") and not args.trl_ppo_path:
+    tasks = args.tasks.split(",")
+    if "ppo-head" in tasks and ("ppo" not in tasks or tasks.index("ppo") > tasks.index("ppo-head")):
+        raise SystemExit("ppo-head is compared with TRL's ppo rows: list ppo before it in --tasks")
+    if "ppo" in tasks and not args.trl_ppo_path:
         raise SystemExit("ppo needs --trl-ppo-path: TRL 1.16 has no PPO; "
                          "pip install --no-deps --target DIR trl==1.10.0 and pass DIR")
     results: dict = {}
@@ -117,12 +130,18 @@ def main(argv=None) -> int:
         for i in range(args.repeats):
             order = ("tether", "trl") if i % 2 == 0 else ("trl", "tether")
             for impl in order:
+                if task == "ppo-head" and impl == "trl":
+                    continue  # TRL has one PPO: its rows are the ppo task's
                 row = run_one(impl, task, args)
                 if row is None:
                     continue
                 results[task][impl].append(row)
+                if args.out:
+                    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
                 print(f"{task} {impl} run {i + 1}: {row['per_s']:.2f} {UNITS[task]}, {row['peak_rss_gb']:.2f} GB, "
                       f"MFU {row['mfu']:.1%}, {row['quality']}", file=sys.stderr, flush=True)
+        if task == "ppo-head":
+            results[task]["trl"] = results.get("ppo", {}).get("trl", [])
         write(results, args)  # after each task: a run cut short keeps what it measured
     print(write(results, args))
     return 0 if all(rows for sides in results.values() for rows in sides.values()) else 1

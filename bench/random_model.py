@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if args.reward:
         config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         model.config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     else:
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(dst)
     for f in src.iterdir():
         if f.is_file() and (f.name.startswith("tokenizer") or f.name.endswith(".jinja")

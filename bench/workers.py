@@ -128,8 +128,16 @@ def heldout_pair_accuracy(score, heldout) -> tuple[float, float]:
     return acc, (acc * (1 - acc) / max(total, 1)) ** 0.5
 
 
-def quality(name: str, value_se: tuple[float, float]) -> dict:
-    return {name: value_se[0], "se": value_se[1]}
+SKIP_QUALITY = False
+
+
+def quality(name: str, value_se) -> dict:
+    """``value_se``: (value, standard error), or a zero-argument function giving them (not
+    called under --no-quality, e.g. for random-weight models, where quality means nothing)."""
+    if SKIP_QUALITY:
+        return {name: float("nan"), "se": float("nan")}
+    value, se = value_se() if callable(value_se) else value_se
+    return {name: value, "se": se}
 
 
 # --------------------------------------------------------------------------- tether
@@ -156,7 +164,7 @@ def tether_side(args, demos, pairs, heldout, prompts, tokenizer):
         train_sft(model, enc, data, SFTConfig(max_steps=args.steps, optim=optim), seed=0)
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
-        out["quality"] = quality("heldout_nll", heldout_nll(model, tokenizer, args.held_demos, args.max_length))
+        out["quality"] = quality("heldout_nll", lambda: heldout_nll(model, tokenizer, args.held_demos, args.max_length))
         return out, model
     rankings = [Ranking(prompt=p["prompt"], responses=[p["chosen"], p["rejected"]], order=[0, 1]) for p in pairs]
     if args.task == "rm":
@@ -167,7 +175,7 @@ def tether_side(args, demos, pairs, heldout, prompts, tokenizer):
         train_reward(model, enc, rankings, RMConfig(max_steps=args.steps, optim=optim), seed=0)
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
-        out["quality"] = quality("heldout_pair_accuracy", heldout_pair_accuracy(
+        out["quality"] = quality("heldout_pair_accuracy", lambda: heldout_pair_accuracy(
             lambda p, rs: score_responses(model, enc, [p] * len(rs), rs).tolist(), heldout))
         return out, model
     if args.task == "dpo":
@@ -179,7 +187,7 @@ def tether_side(args, demos, pairs, heldout, prompts, tokenizer):
         train_dpo(policy, reference, enc, rankings, DPOConfig(max_steps=args.steps, beta=0.1, optim=optim), seed=0)
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
-        out["quality"] = quality("heldout_pair_accuracy", dpo_accuracy(policy, reference, enc, heldout))
+        out["quality"] = quality("heldout_pair_accuracy", lambda: dpo_accuracy(policy, reference, enc, heldout))
         return out, policy
     if args.task == "grpo":
         from tether.algorithms.grpo import train_grpo
@@ -199,7 +207,7 @@ def tether_side(args, demos, pairs, heldout, prompts, tokenizer):
                    seed=0)
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
-        out["quality"] = quality("heldout_gold", sampled_gold(policy, enc, task, args))
+        out["quality"] = quality("heldout_gold", lambda: sampled_gold(policy, enc, task, args))
         return out, policy
     if args.task == "ppo":
         from tether.algorithms.ppo import train_ppo
@@ -213,10 +221,15 @@ def tether_side(args, demos, pairs, heldout, prompts, tokenizer):
         rm_path = str(Path(args.run) / "rm" / "checkpoint")
         reward_model = load_scalar_model(rm_path, mcfg, pad_token_id=enc.pad_id, num_labels=1).requires_grad_(False)
         reward_model.to(args.device)
-        value_model = load_scalar_model(rm_path, mcfg, pad_token_id=enc.pad_id, num_labels=1).to(args.device)
+        if args.ppo_critic == "head":  # Tether's lighter critic: a linear head on the policy's states
+            from tether.algorithms.ppo import ValueHead
+
+            value_model = ValueHead(policy.config.hidden_size).to(args.device)
+        else:  # a second backbone, as TRL's PPO has it
+            value_model = load_scalar_model(rm_path, mcfg, pad_token_id=enc.pad_id, num_labels=1).to(args.device)
         cfg = PPOConfig(steps=args.steps, rollout_batch_size=args.batch, mini_batch_size=args.batch,
                         micro_batch_size=args.micro or args.batch, epochs=args.ppo_epochs, missing_eos_penalty=0.0,
-                        critic="model", samples_per_prompt=1, kl=KLConfig(controller="fixed", init_coef=0.05),
+                        critic=args.ppo_critic, samples_per_prompt=1, kl=KLConfig(controller="fixed", init_coef=0.05),
                         generation=GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0,
                                                     batch_size=args.batch), optim=optim)
         t0 = time.perf_counter()
@@ -224,7 +237,7 @@ def tether_side(args, demos, pairs, heldout, prompts, tokenizer):
                   lambda rollout: score_rollout(reward_model, rollout, args.batch), cfg, seed=0)
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
-        out["quality"] = quality("heldout_gold", sampled_gold(policy, enc, task, args))
+        out["quality"] = quality("heldout_gold", lambda: sampled_gold(policy, enc, task, args))
         return out, policy
     raise SystemExit(f"unknown task {args.task}")
 
@@ -280,14 +293,14 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
 
         ds = Dataset.from_list([{"prompt": messages(d.prompt), "completion": [{"role": "assistant", "content": d.response}]}
                                 for d in demos])
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         trainer = SFTTrainer(model=model, args=SFTConfig(max_length=args.max_length, **common), train_dataset=ds,
                              processing_class=tokenizer)
         t0 = time.perf_counter()
         trainer.train()
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
-        out["quality"] = quality("heldout_nll", heldout_nll(model, tokenizer, args.held_demos, args.max_length))
+        out["quality"] = quality("heldout_nll", lambda: heldout_nll(model, tokenizer, args.held_demos, args.max_length))
         return out, model
     ds = Dataset.from_list([{"prompt": messages(p["prompt"]), "chosen": [{"role": "assistant", "content": p["chosen"]}],
                              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
@@ -297,7 +310,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         from tether.algorithms.reward import score_responses
         from tether.data.tokenize import Encoder
 
-        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, torch_dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer = RewardTrainer(model=model, args=RewardConfig(max_length=args.max_length, **common), train_dataset=ds,
                                 processing_class=tokenizer)
@@ -306,7 +319,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
         enc = Encoder(tokenizer, args.max_length, args.max_length // 2)
-        out["quality"] = quality("heldout_pair_accuracy", heldout_pair_accuracy(
+        out["quality"] = quality("heldout_pair_accuracy", lambda: heldout_pair_accuracy(
             lambda p, rs: score_responses(model, enc, [p] * len(rs), rs).tolist(), heldout))
         return out, model
     if args.task == "dpo":
@@ -315,7 +328,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         from tether.data.tokenize import Encoder
         from tether.models import frozen_copy
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         reference = frozen_copy(model)
         trainer = DPOTrainer(model=model, ref_model=reference, args=DPOConfig(max_length=args.max_length, beta=0.1,
                                                                               **common),
@@ -325,7 +338,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
         enc = Encoder(tokenizer, args.max_length, args.max_length // 2)
-        out["quality"] = quality("heldout_pair_accuracy", dpo_accuracy(model, reference, enc, heldout))
+        out["quality"] = quality("heldout_pair_accuracy", lambda: dpo_accuracy(model, reference, enc, heldout))
         return out, model
     if args.task == "grpo":
         from trl import GRPOConfig, GRPOTrainer
@@ -341,7 +354,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
             return task.gold_batch(asked, texts)
 
         ds = Dataset.from_list([{"prompt": messages(p)} for p in prompts])
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         cfg = GRPOConfig(num_generations=args.batch, max_completion_length=args.new_tokens, beta=args.grpo_beta,
                          temperature=1.0, **{**common, "per_device_train_batch_size": args.batch,
                                              "gradient_accumulation_steps": 1})
@@ -350,7 +363,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         trainer.train()
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
-        out["quality"] = quality("heldout_gold", sampled_gold(
+        out["quality"] = quality("heldout_gold", lambda: sampled_gold(
             model, Encoder(tokenizer, args.max_length, args.max_length // 2), task, args))
         return out, model
     if args.task == "ppo":
@@ -366,9 +379,10 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         task = get_task(args.task_name)
         tokenizer.padding_side = "left"
         ds = Dataset.from_list([{"input_ids": chat_prompt_ids(tokenizer, messages(p))} for p in prompts])
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         reference = frozen_copy(model)
-        mcfg = ModelConfig(name=args.model, max_length=args.max_length, autocast="off")
+        mcfg = ModelConfig(name=args.model, max_length=args.max_length, max_prompt_length=args.max_length // 2,
+                           autocast="off")
         rm_path = str(Path(args.run) / "rm" / "checkpoint")
         reward_model = load_scalar_model(rm_path, mcfg, pad_token_id=tokenizer.pad_token_id, num_labels=1)
         value_model = load_scalar_model(rm_path, mcfg, pad_token_id=tokenizer.pad_token_id, num_labels=1)
@@ -385,7 +399,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         trainer.train()
         out["seconds"] = time.perf_counter() - t0
         out["items"] = args.steps * args.batch
-        out["quality"] = quality("heldout_gold", sampled_gold(
+        out["quality"] = quality("heldout_gold", lambda: sampled_gold(
             model, Encoder(tokenizer, args.max_length, args.max_length // 2), task, args))
         return out, model
     raise SystemExit(f"unknown task {args.task}")
@@ -413,13 +427,18 @@ def main(argv=None) -> int:
     ap.add_argument("--trl-gc", action="store_true",
                     help="TRL: gradient checkpointing on (its default); off by default here, as Tether has none")
     ap.add_argument("--ppo-epochs", type=int, default=2, help="PPO: epochs over each rollout batch")
+    ap.add_argument("--ppo-critic", choices=["model", "head"], default="model",
+                    help="Tether PPO's critic: a second backbone (as TRL) or a value head on the policy")
     ap.add_argument("--trl-path", default="",
                     help="put this folder first on sys.path (PPO: a `pip install --target` of trl==1.10.0)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where both sides train")
+    ap.add_argument("--no-quality", action="store_true", help="skip the held-out quality (random-weight models)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.trl_path:
         sys.path.insert(0, args.trl_path)
+    global SKIP_QUALITY
+    SKIP_QUALITY = args.no_quality
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TETHER_QUIET", "1")
@@ -467,7 +486,8 @@ def main(argv=None) -> int:
         # forward (2·N each) + E value epochs (6·N) on a backbone of the same size
         r, e = args.new_tokens, args.ppo_epochs
         p = sum(token_count(tokenizer, prompt, "")[0] for prompt in prompts) / len(prompts)
-        flops = used * ((4 + 6 * e) * (2 * body * (p + r) + head * r))
+        critic = 0 if args.ppo_critic == "head" else 1  # the value head's FLOPs are negligible
+        flops = used * ((4 + 6 * e) * ((1 + critic) * body * (p + r) + head * r) + (2 - 2 * critic) * body * (p + r))
     peak = matmul_peak(device=args.device)
     if args.device.startswith("cuda"):
         out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
