@@ -137,6 +137,7 @@ def main(argv=None) -> int:
                     continue
                 results[task][impl].append(row)
                 if args.out:
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
                 print(f"{task} {impl} run {i + 1}: {row['per_s']:.2f} {UNITS[task]}, {row['peak_rss_gb']:.2f} GB, "
                       f"MFU {row['mfu']:.1%}, {row['quality']}", file=sys.stderr, flush=True)
