@@ -21,6 +21,8 @@ def test_length_groups_sorts_and_cuts_by_rows_and_tokens():
     # rows count: an item of 3 rows of 10 costs 30
     assert length_groups([[0, 1]], lambda i: (3, 10), 8, 59) == [[0], [1]]
     assert length_groups([[0, 1]], lambda i: (3, 10), 8, 60) == [[0, 1]]
+    # an item drawn twice in one step (an epoch boundary on a small set) stays twice
+    assert length_groups([[0, 0], [4]], cost, 4, 100) == [[0, 0, 4]]
     # 0 = off: the plan's micro-batches as they are
     assert length_groups([[5, 0], [1]], cost, 4, 0) == [[5, 0], [1]]
 

@@ -98,11 +98,12 @@ def length_groups(micro: list[list[int]], cost, max_items: int, max_tokens: int)
     """
     if max_tokens <= 0:
         return micro
-    items = sorted((i for m in micro for i in m), key=lambda i: (cost(i)[1], i))
+    costs = {i: cost(i) for m in micro for i in m}  # once per item (a cost may tokenise)
+    items = sorted((i for m in micro for i in m), key=lambda i: (costs[i][1], i))  # repeats kept
     groups: list[list[int]] = []
     rows = longest = 0
     for i in items:
-        r, length = cost(i)
+        r, length = costs[i]
         if groups and groups[-1] and len(groups[-1]) < max_items and (rows + r) * max(longest, length) <= max_tokens:
             groups[-1].append(i)
             rows, longest = rows + r, max(longest, length)
