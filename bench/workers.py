@@ -276,6 +276,14 @@ def sampled_gold(policy, enc, task, args, n: int = 64) -> tuple[float, float]:
 # --------------------------------------------------------------------------- TRL
 
 
+def timed_train(trainer, args, out: dict) -> None:
+    """TRL's ``trainer.train()``, timed; the items it trained on."""
+    t0 = time.perf_counter()
+    trainer.train()
+    out["seconds"] = time.perf_counter() - t0
+    out["items"] = args.steps * args.batch
+
+
 def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -296,10 +304,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         trainer = SFTTrainer(model=model, args=SFTConfig(max_length=args.max_length, **common), train_dataset=ds,
                              processing_class=tokenizer)
-        t0 = time.perf_counter()
-        trainer.train()
-        out["seconds"] = time.perf_counter() - t0
-        out["items"] = args.steps * args.batch
+        timed_train(trainer, args, out)
         out["quality"] = quality("heldout_nll", lambda: heldout_nll(model, tokenizer, args.held_demos, args.max_length))
         return out, model
     ds = Dataset.from_list([{"prompt": messages(p["prompt"]), "chosen": [{"role": "assistant", "content": p["chosen"]}],
@@ -314,10 +319,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer = RewardTrainer(model=model, args=RewardConfig(max_length=args.max_length, **common), train_dataset=ds,
                                 processing_class=tokenizer)
-        t0 = time.perf_counter()
-        trainer.train()
-        out["seconds"] = time.perf_counter() - t0
-        out["items"] = args.steps * args.batch
+        timed_train(trainer, args, out)
         enc = Encoder(tokenizer, args.max_length, args.max_length // 2)
         out["quality"] = quality("heldout_pair_accuracy", lambda: heldout_pair_accuracy(
             lambda p, rs: score_responses(model, enc, [p] * len(rs), rs).tolist(), heldout))
@@ -333,10 +335,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         trainer = DPOTrainer(model=model, ref_model=reference, args=DPOConfig(max_length=args.max_length, beta=0.1,
                                                                               **common),
                              train_dataset=ds, processing_class=tokenizer)
-        t0 = time.perf_counter()
-        trainer.train()
-        out["seconds"] = time.perf_counter() - t0
-        out["items"] = args.steps * args.batch
+        timed_train(trainer, args, out)
         enc = Encoder(tokenizer, args.max_length, args.max_length // 2)
         out["quality"] = quality("heldout_pair_accuracy", lambda: dpo_accuracy(model, reference, enc, heldout))
         return out, model
@@ -359,10 +358,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
                          temperature=1.0, **{**common, "per_device_train_batch_size": args.batch,
                                              "gradient_accumulation_steps": 1})
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tokenizer)
-        t0 = time.perf_counter()
-        trainer.train()
-        out["seconds"] = time.perf_counter() - t0
-        out["items"] = args.steps * args.batch
+        timed_train(trainer, args, out)
         out["quality"] = quality("heldout_gold", lambda: sampled_gold(
             model, Encoder(tokenizer, args.max_length, args.max_length // 2), task, args))
         return out, model
@@ -395,10 +391,7 @@ def trl_side(args, demos, pairs, heldout, prompts, tokenizer):
         trainer = PPOTrainer(args=cfg, processing_class=tokenizer, model=model, ref_model=reference,
                              reward_model=reward_model, value_model=value_model, train_dataset=ds,
                              eval_dataset=ds.select(range(min(8, len(ds)))))
-        t0 = time.perf_counter()
-        trainer.train()
-        out["seconds"] = time.perf_counter() - t0
-        out["items"] = args.steps * args.batch
+        timed_train(trainer, args, out)
         out["quality"] = quality("heldout_gold", lambda: sampled_gold(
             model, Encoder(tokenizer, args.max_length, args.max_length // 2), task, args))
         return out, model
