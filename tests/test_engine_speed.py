@@ -53,6 +53,25 @@ def test_encoder_lengths_match_example_and_leave_stats_alone(tiny_tokenizer):
     assert enc.stats.responses_cut == 1  # example() still counts
 
 
+def test_ranking_cost_counts_the_tokens_of_the_layout_each_pass_gets(tiny_tokenizer):
+    """Shared prompts (one K for all): the prompt once plus K widths of the longest response;
+    mixed K or share_prompt off: K whole rows."""
+    from tether.algorithms.reward import ranking_cost, collate_rankings
+    from tether.data.schemas import Ranking
+    from tether.data.tokenize import Encoder
+
+    enc = Encoder(tiny_tokenizer, 64, 32)
+    same = [Ranking("one two three four", ["a b", "a b c d e"], [0, 1]), Ranking("five six", ["x", "y z"], [1, 0])]
+    p, (r0, r1) = enc.lengths(same[0].prompt, list(same[0].responses))
+    assert ranking_cost(enc, same)(0) == (1, p + 2 * max(r0, r1))
+    assert ranking_cost(enc, same, share_prompt=False)(0) == (2, p + max(r0, r1))
+    # the shared cost bounds what the collated pass really runs: query columns + K response columns
+    batch = collate_rankings(enc, same[:1], True)
+    assert "group" in batch and batch["query_ids"].size(1) + 2 * batch["response_ids"].size(1) <= p + 2 * max(r0, r1)
+    mixed = same + [Ranking("seven", ["p", "q", "r"], [0, 1, 2])]
+    assert ranking_cost(enc, mixed)(0) == (2, p + max(r0, r1))
+
+
 def test_engine_uses_fused_adamw_on_cpu_and_matches_the_loop():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(64, 32, dtype=torch.float64))

@@ -203,7 +203,7 @@ def train_dpo(
     if monitor is not None and not start:
         monitor.check(0)
     budget = token_budget(optim.micro_batch_tokens, device)
-    cost = ranking_cost(encoder, rankings)
+    cost = ranking_cost(encoder, rankings, cfg.share_prompt)
     for step in range(start, 0 if loop["stopped"] else total):
         groups = length_groups(plan.next(), cost, optim.micro_batch_size, budget)
         micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt, split=True))

@@ -59,12 +59,21 @@ def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bo
     return out
 
 
-def ranking_cost(encoder: Encoder, rankings: list[Ranking]):
-    """``cost(i)`` for :func:`tether.engine.length_groups`: ranking i's K rows and the length
-    of its prompt plus its longest response (a bound on what it adds to a padded pass)."""
+def ranking_cost(encoder: Encoder, rankings: list[Ranking], share_prompt: bool = True):
+    """``cost(i)`` for :func:`tether.engine.length_groups`: the rows ranking i adds to a
+    padded pass and the length of the longest.
+
+    Shared prompts (``share_prompt`` and every ranking of one size K, so that every pass is
+    collated that way): one row of the prompt plus its K longest-response widths, the tokens
+    its query pass and response pass run. Otherwise K rows of prompt + longest response.
+    """
+    shared = share_prompt and len({len(r.responses) for r in rankings}) == 1
+
     def cost(i: int) -> tuple[int, int]:
         r = rankings[i]
         p, lengths = encoder.lengths(r.prompt, list(r.responses))
+        if shared:
+            return 1, p + len(lengths) * max(lengths)
         return len(lengths), p + max(lengths)
 
     return cost
@@ -154,7 +163,7 @@ def train_reward(
     bar = progress_bar(total, "reward model" if heads == 1 else f"reward model ({heads} heads)")
     bar.update(start)
     budget = token_budget(optim.micro_batch_tokens, device)
-    cost = ranking_cost(encoder, rankings)
+    cost = ranking_cost(encoder, rankings, cfg.share_prompt)
     for step in range(start, total):
         groups = length_groups(plan.next(), cost, optim.micro_batch_size, budget)
         micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt)) for idx in groups]
