@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--task-name", default="instruct")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", help="also write the table (Markdown) and the raw runs (JSON beside it)")
+    ap.add_argument("--update", action="store_true",
+                    help="with --out: keep the other tasks' rows of its JSON (same settings), rerun only --tasks")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
     if "ppo-head" in tasks and ("ppo" not in tasks or tasks.index("ppo") > tasks.index("ppo-head")):
@@ -125,6 +127,10 @@ def main(argv=None) -> int:
         raise SystemExit("ppo needs --trl-ppo-path: TRL 1.16 has no PPO; "
                          "pip install --no-deps --target DIR trl==1.10.0 and pass DIR")
     results: dict = {}
+    if args.update:
+        if not args.out or not Path(args.out).with_suffix(".json").exists():
+            raise SystemExit("--update needs --out naming an earlier table (its .json beside it)")
+        results = json.loads(Path(args.out).with_suffix(".json").read_text())
     for task in args.tasks.split(","):
         results[task] = {"tether": [], "trl": []}
         for i in range(args.repeats):

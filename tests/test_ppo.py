@@ -276,3 +276,127 @@ def test_share_prompt_needs_whole_groups_per_micro_batch():
     with pytest.raises(ConfigError, match="micro_batch_size"):
         _cfg(samples_per_prompt=4, micro_batch_size=2)
     _cfg(samples_per_prompt=4, micro_batch_size=2, share_prompt=False)  # full rows: any split works
+
+
+def test_generate_keeps_the_sampling_models_logprobs(tiny_path, tiny_tokenizer):
+    """generate(logprobs=True): each sampled token's log-prob and the entropy, from the raw
+    logits (top-k and temperature do not touch them), equal to a forward pass over the
+    rollout; 0 past each response; kept across generation chunks."""
+    from tether.algorithms.ppo import rollout_logprobs_and_values
+
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    policy = load_policy(tiny_path, MODEL)
+    value = load_scalar_model(tiny_path, MODEL, pad_token_id=enc.pad_id)
+    prompts = ["write three words about fruits", "write eight words about tools and music", "hi"]
+    gen = GenerationConfig(max_new_tokens=7, temperature=0.7, top_k=5, batch_size=2)
+    r = generate(policy, enc, prompts, gen, seed=4, logprobs=True)
+    assert r.logprobs.shape == r.entropy.shape == r.response_ids.shape
+    plain = generate(policy, enc, prompts, gen, seed=4)
+    assert plain.logprobs is None and torch.equal(plain.response_ids, r.response_ids)  # same samples
+    r.logprobs, r.entropy, lp, ent = None, None, r.logprobs, r.entropy
+    fwd = rollout_logprobs_and_values(policy, frozen_copy(policy), value, r, chunk=3)
+    torch.testing.assert_close(lp, fwd["logprobs"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ent, fwd["entropy"], atol=1e-4, rtol=1e-4)
+    assert float(lp.abs().sum()) > 0 and bool((lp[r.response_mask == 0] == 0).all())
+    sub = r.select([2, 0])
+    assert sub.logprobs is None
+    r.logprobs = lp
+    torch.testing.assert_close(r.select([2, 0]).logprobs, lp[[2, 0]])
+
+
+def test_generate_skips_logprobs_over_the_logits_budget(tiny_path, tiny_tokenizer, monkeypatch):
+    import tether.rollout.generate as g
+
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    policy = load_policy(tiny_path, MODEL)
+    gen = GenerationConfig(max_new_tokens=4, batch_size=2)
+    vocab = policy.get_output_embeddings().weight.size(0)
+    monkeypatch.setattr(g, "LOGITS_BUDGET", 2 * 4 * vocab * 4)  # exactly one chunk's logits
+    assert generate(policy, enc, ["hi", "write three words"], gen, seed=0, logprobs=True).logprobs is not None
+    monkeypatch.setattr(g, "LOGITS_BUDGET", 2 * 4 * vocab * 4 - 1)
+    assert generate(policy, enc, ["hi", "write three words"], gen, seed=0, logprobs=True).logprobs is None
+
+
+def test_rollout_forward_of_some_rows_equals_all_rows(tiny_path, tiny_tokenizer):
+    from tether.algorithms.ppo import rollout_logprobs_and_values
+
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    policy = load_policy(tiny_path, MODEL)
+    value = load_scalar_model(tiny_path, MODEL, pad_token_id=enc.pad_id)
+    prompts = ["write three words about fruits", "write eight words", "hi", "write two words about cats"]
+    r = generate(policy, enc, [p for p in prompts for _ in range(2)], GenerationConfig(max_new_tokens=6), seed=1)
+    ref = frozen_copy(policy)
+    whole = rollout_logprobs_and_values(policy, ref, value, r, chunk=4, group=2)
+    rows = torch.tensor([2, 3, 6, 7])
+    some = rollout_logprobs_and_values(policy, ref, value, r, chunk=4, group=2, rows=rows)
+    others = torch.tensor([0, 1, 4, 5])
+    for key in whole:
+        torch.testing.assert_close(some[key][rows], whole[key][rows], atol=1e-5, rtol=1e-5)
+        assert bool((some[key][others] == 0).all())
+
+
+def test_dropout_free():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tether.algorithms.ppo import ValueHead, dropout_free
+
+    def model(**kw):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2, **kw))
+
+    assert dropout_free(model(), ValueHead(8))
+    assert not dropout_free(model(attention_dropout=0.1))
+    assert not dropout_free(model(), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+
+
+@pytest.mark.parametrize("critic,group", [("model", 1), ("model", 2), ("head", 2)])
+@pytest.mark.parametrize("shortcut", ["first_update", "sampler_logprobs"])
+def test_ppo_rollout_shortcuts_change_nothing(tiny_path, tiny_tokenizer, monkeypatch, critic, group, shortcut):
+    """The first update's forward pass standing for its rows' rollout-time pass, and the
+    sampler's own log-probs standing for the policy's forward pass, give the same training
+    with fewer forward passes of the policy. Float64 models: the first is exact (1e-9); the
+    second reads log-probs from another kernel (decoding steps) kept in float32 buffers (1e-5)."""
+    import copy
+
+    import tether.algorithms.ppo as ppo
+    from tether.algorithms.ppo import ValueHead
+
+    task = get_task("tiny")
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    torch.manual_seed(0)
+    base = load_policy(tiny_path, MODEL).double()
+    base_value = load_scalar_model(tiny_path, MODEL, pad_token_id=enc.pad_id).double()
+    real_generate = ppo.generate
+
+    def score(rollout):
+        return torch.tensor(task.gold_batch(rollout.prompts, rollout.texts), dtype=torch.float64)
+
+    def no_logprobs(*a, **k):
+        return real_generate(*a, **{**k, "logprobs": False})
+
+    runs = []
+    for on in (True, False):
+        if shortcut == "first_update":
+            monkeypatch.setattr(ppo, "generate", no_logprobs)  # the other shortcut off in both runs
+            monkeypatch.setattr(ppo, "dropout_free", (lambda *m: True) if on else (lambda *m: False))
+        else:
+            monkeypatch.setattr(ppo, "dropout_free", lambda *m: False)
+            monkeypatch.setattr(ppo, "generate", real_generate if on else no_logprobs)
+        policy = copy.deepcopy(base)
+        value = ValueHead(policy.config.hidden_size).double() if critic == "head" else copy.deepcopy(base_value)
+        calls = []
+        hook = policy.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+        logger = MetricsLogger(None)
+        cfg = _cfg(steps=2, samples_per_prompt=group, critic=critic)
+        train_ppo(policy, value, frozen_copy(policy), enc, task.train_prompts(), score, cfg, seed=5, logger=logger)
+        hook.remove()
+        runs.append((policy, logger.history, len(calls)))
+    (fast, h_fast, n_fast), (slow, h_slow, n_slow) = runs
+    tol = 1e-9 if shortcut == "first_update" else 1e-5
+    if shortcut == "first_update" or critic == "model":  # a value head needs the policy's states anyway
+        assert n_fast < n_slow
+    for a, b in zip(h_fast, h_slow):
+        for key in ("reward/score", "kl/ref", "loss/policy", "loss/value", "value/mean", "policy/entropy"):
+            assert a[key] == pytest.approx(b[key], rel=tol, abs=tol), key
+    assert max(float((p - q).abs().max()) for p, q in zip(fast.parameters(), slow.parameters())) < tol
+    assert max(float((p - q).abs().max()) for p, q in zip(fast.parameters(), base.parameters())) > 1e-4

@@ -63,7 +63,7 @@ class ValueHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return self.linear(hidden.detach().float()).squeeze(-1)
+            return self.linear(hidden.detach().to(self.linear.weight.dtype)).squeeze(-1)
 
 
 def _logprobs_and_values(policy, value_model, ids, att, start: int, *, return_logits: bool = False):
@@ -127,27 +127,78 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout_logprobs_and_values(policy, reference, value_model, rollout: Rollout, chunk: int, group: int = 1) -> dict:
+def rollout_logprobs_and_values(policy, reference, value_model, rollout: Rollout, chunk: int, group: int = 1,
+                                rows=None) -> dict:
     """Rollout-time log-probs, reference log-probs, values and entropy, each [B, R].
 
     Rows go through in chunks of similar length (sorted), each chunk trimmed of padding;
     with ``group`` > 1 in whole groups of one prompt's samples, each prompt run once.
+
+    ``rows``: only these rows (whole groups), the others left 0. When the rollout carries
+    the sampler's log-probs (``generate(..., logprobs=True)`` with the policy itself) and
+    the critic is a separate model, those are taken and the policy runs no forward pass.
     """
     device = next(policy.parameters()).device
     R = rollout.response_ids.size(1)
     out = {k: torch.zeros(len(rollout), R) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
+    index = torch.arange(len(rollout)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    if not len(index):
+        return out
+    sub = rollout if rows is None else rollout.select(index)
+    from_sampler = sub.logprobs is not None and not isinstance(value_model, ValueHead)
     policy.eval()
     value_model.eval()
-    for rows in group_chunks(rollout, group, chunk):
-        logps, logits, values, _ = _rows_forward(policy, value_model, rollout, rows, device, group, return_logits=True)
-        out["logprobs"][rows] = _pad_to(logps.float().cpu(), R)
-        out["entropy"][rows] = _pad_to(entropy_from_logits(logits).float().cpu(), R)
+    for part in group_chunks(sub, group, chunk):
+        at = index[part]
+        if from_sampler:
+            out["logprobs"][at] = sub.logprobs[part]
+            out["entropy"][at] = sub.entropy[part]
+            values = _critic_values(value_model, sub, part, device, group)
+        else:
+            logps, logits, values, _ = _rows_forward(policy, value_model, sub, part, device, group, return_logits=True)
+            out["logprobs"][at] = _pad_to(logps.float().cpu(), R)
+            out["entropy"][at] = _pad_to(entropy_from_logits(logits).float().cpu(), R)
         with reference_context(policy, reference) as ref:
-            out["ref_logprobs"][rows] = _pad_to(rows_logprobs(ref, rollout, rows, device, group).float().cpu(), R)
-        out["values"][rows] = _pad_to(values.float().cpu(), R)
+            out["ref_logprobs"][at] = _pad_to(rows_logprobs(ref, sub, part, device, group).float().cpu(), R)
+        out["values"][at] = _pad_to(values.float().cpu(), R)
     policy.train()
     value_model.train()
     return out
+
+
+def _critic_values(value_model, rollout: Rollout, rows, device, group: int) -> torch.Tensor:
+    """A separate value model's values [b, W] of some rollout rows (each prompt once when
+    ``group`` > 1)."""
+    if group == 1:
+        ids, att, start, _ = trimmed_batch(rollout, rows, device)
+        return token_scalars(value_model, ids, att)[:, start - 1 : -1]
+    q, qm, r, rm, _ = group_tensors(rollout, rows, device)
+    return grouped_token_scalars(value_model, q, qm, r, rm, group)[:, :-1]
+
+
+def _epoch_order(generator: torch.Generator, n: int, group: int) -> torch.Tensor:
+    """A shuffled order of the rollout's rows in whole groups of one prompt's samples (a
+    micro-batch can then run each prompt once; with share_prompt off the batches are the
+    same, only dearer)."""
+    perm = torch.randperm(n // group, generator=generator)
+    return (perm.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
+
+
+def dropout_free(*models) -> bool:
+    """No module or model config of these drops anything, so that a forward pass in training
+    mode gives what the rollout-time (eval mode) pass gives."""
+    seen: set[int] = set()
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout) and module.p > 0:
+                return False
+            config = getattr(module, "config", None)
+            if hasattr(config, "to_dict") and id(config) not in seen:
+                seen.add(id(config))
+                for key, value in config.to_dict().items():
+                    if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                        return False
+    return True
 
 
 def train_ppo(
@@ -216,6 +267,9 @@ def train_ppo(
     import inspect
 
     score_takes_group = len(inspect.signature(score_fn).parameters) >= 2
+    # train- and eval-mode passes agree without dropout: the first update's forward pass can
+    # then stand for the rollout-time pass of its rows
+    reuse_first = dropout_free(policy, value_model)
     if monitor is not None:
         monitor.sampler = sampler
         if not start:
@@ -229,8 +283,11 @@ def train_ppo(
         t0 = time.time()
         if sampler is not None:
             sampler.sync()
+        # sampling with the policy itself (no low-precision copy) keeps its log-probs: with a
+        # separate critic, the rollout-time log-probs need no other policy forward pass
         rollout = generate(sampler.model if sampler is not None else policy, encoder, [prompts[i] for i in idx],
-                           cfg.generation, seed=seed * 1_000_003 + step)
+                           cfg.generation, seed=seed * 1_000_003 + step,
+                           logprobs=sampler is None and not isinstance(value_model, ValueHead))
         t_gen = time.time() - t0
         mask = rollout.response_mask.float()
 
@@ -241,7 +298,28 @@ def train_ppo(
             scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
         if cfg.score_baseline != "none":
             scores = scores - group_baseline(scores.view(n_prompts, G), cfg.score_baseline).reshape(-1)
-        fwd = rollout_logprobs_and_values(policy, reference, value_model, rollout, cfg.micro_batch_size, share)
+        # the first update's micro-batch runs at the rollout-time weights: its training forward
+        # pass (kept for its backward) also gives those rows' rollout-time log-probs and values
+        order = _epoch_order(generator, len(rollout), G)
+        first = None
+        rest = None
+        if reuse_first:
+            j0 = order[: cfg.micro_batch_size]
+            logps0, logits0, values0, w0 = _rows_forward(policy, value_model, rollout, j0, device, share,
+                                                         return_logits=True)
+            first = (j0, logps0, values0, w0)
+            rest = order[cfg.micro_batch_size :].sort().values
+        fwd = rollout_logprobs_and_values(policy, reference, value_model, rollout, cfg.micro_batch_size, share,
+                                          rows=rest)
+        if first is not None:
+            R = rollout.response_ids.size(1)
+            with torch.no_grad():
+                fwd["logprobs"][j0] = _pad_to(logps0.detach().float().cpu(), R)
+                fwd["entropy"][j0] = _pad_to(entropy_from_logits(logits0.detach()).float().cpu(), R)
+                fwd["values"][j0] = _pad_to(values0.detach().float().cpu(), R)
+                with reference_context(policy, reference) as ref:
+                    fwd["ref_logprobs"][j0] = _pad_to(rows_logprobs(ref, rollout, j0, device, share).float().cpu(), R)
+            del logits0
         old_logprobs, ref_logprobs, old_values = fwd["logprobs"], fwd["ref_logprobs"], fwd["values"] * mask
 
         # 4.–5. KL-penalised rewards, GAE
@@ -257,17 +335,18 @@ def train_ppo(
         stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "ppo/clipfrac",
                                                          "ppo/approx_kl", "value/clipfrac", "optim/grad_norm")}
         t0 = time.time()
-        for _ in range(cfg.epochs):
-            # shuffle whole groups of one prompt's samples (a micro-batch can then run each
-            # prompt once; with share_prompt off the batches are the same, only dearer)
-            perm = torch.randperm(len(rollout) // G, generator=generator)
-            perm = (perm.unsqueeze(1) * G + torch.arange(G)).reshape(-1)
+        for epoch in range(cfg.epochs):
+            perm = order if epoch == 0 else _epoch_order(generator, len(rollout), G)
             for mb in _chunks(len(rollout), cfg.mini_batch_size):
                 mb_idx = perm[mb]
                 mb_loss = 0.0
                 for mc in _chunks(len(mb_idx), cfg.micro_batch_size):
                     j = mb_idx[mc]
-                    logps, values, w = _rows_forward(policy, value_model, rollout, j, device, share)
+                    if first is not None:
+                        _, logps, values, w = first
+                        first = None
+                    else:
+                        logps, values, w = _rows_forward(policy, value_model, rollout, j, device, share)
                     m = mask[j][:, :w].to(device)
                     pl, pstats = ppo_policy_loss(logps, old_logprobs[j][:, :w].to(device),
                                                  advantages[j][:, :w].to(device), m, cfg.clip)

@@ -26,6 +26,11 @@ class Rollout:
     response_mask: torch.Tensor  # [B, R], 1 up to and including EOS
     ended: torch.Tensor  # [B] bool, the response emitted EOS
     texts: list[str]
+    # with generate(..., logprobs=True): the sampling model's log-prob of each response
+    # token and the entropy of its distribution there, from the logits it sampled with
+    # (before temperature or top-k/p), [B, R] float32, 0 past the response
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -56,7 +61,13 @@ class Rollout:
             response_mask=self.response_mask[index],
             ended=self.ended[index],
             texts=[self.texts[i] for i in index.tolist()],
+            logprobs=None if self.logprobs is None else self.logprobs[index],
+            entropy=None if self.entropy is None else self.entropy[index],
         )
+
+
+#: the most bytes of sampling logits ``generate(..., logprobs=True)`` holds for one chunk
+LOGITS_BUDGET = 1 << 30
 
 
 def _response_mask(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +148,8 @@ def _merge(parts: list[Rollout], pad_id: int) -> Rollout:
         response_mask=torch.cat([rpad(r.response_mask, w, 0) for r in parts]),
         ended=torch.cat([r.ended for r in parts]),
         texts=[t for r in parts for t in r.texts],
+        logprobs=None if parts[0].logprobs is None else torch.cat([rpad(r.logprobs, w, 0.0) for r in parts]),
+        entropy=None if parts[0].entropy is None else torch.cat([rpad(r.entropy, w, 0.0) for r in parts]),
     )
 
 
@@ -149,6 +162,7 @@ def generate(
     *,
     seed: int | None = None,
     progress=None,
+    logprobs: bool = False,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts in the list for several samples).
 
@@ -159,12 +173,19 @@ def generate(
         gen: sampling settings; ``temperature == 0`` is greedy.
         seed: seeds torch's RNG for reproducible samples.
         progress: optional callable(n_done) for progress bars.
+        logprobs: also keep ``model``'s log-prob of each sampled token and the entropy
+            there (``Rollout.logprobs``/``entropy``), read from the unprocessed logits of
+            the sampling steps: PPO's rollout-time log-probs without a second forward pass.
+            Skipped (left None) when a chunk's logits would pass ``LOGITS_BUDGET`` bytes.
     """
     was_training = model.training
     model.eval()
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
+    if logprobs:  # generate holds every step's [rows, vocab] float32 logits until it returns
+        vocab = model.get_output_embeddings().weight.size(0)
+        logprobs = min(gen.batch_size, len(prompts)) * gen.max_new_tokens * vocab * 4 <= LOGITS_BUDGET
     parts = []
     try:
         for begin in range(0, len(prompts), gen.batch_size):
@@ -189,17 +210,37 @@ def generate(
                 kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
+            if logprobs:
+                kwargs.update(output_logits=True, return_dict_in_generate=True)
             out = model.generate(input_ids=q_ids.to(device), attention_mask=q_mask.to(device), **kwargs)
-            resp = out[:, q_ids.size(1) :].cpu()
+            seqs = out.sequences if logprobs else out
+            resp = seqs[:, q_ids.size(1) :].cpu()
             r_mask, ended = _response_mask(resp, encoder.eos_id)
-            resp = torch.where(r_mask.bool(), resp, torch.full_like(resp, encoder.pad_id))
-            texts = [encoder.decode(row[: int(m.sum())]) for row, m in zip(resp, r_mask)]
-            parts.append(Rollout(list(chunk), q_ids, q_mask, resp, r_mask, ended, texts))
+            part = Rollout(list(chunk), q_ids, q_mask, torch.where(r_mask.bool(), resp, torch.full_like(resp, encoder.pad_id)),
+                           r_mask, ended, [])
+            part.texts = [encoder.decode(row[: int(m.sum())]) for row, m in zip(part.response_ids, r_mask)]
+            if logprobs:
+                part.logprobs, part.entropy = _step_logprobs(out.logits, resp.to(device), r_mask)
+            parts.append(part)
             if progress is not None:
                 progress(len(chunk))
     finally:
         model.train(was_training)
     return _merge(parts, encoder.pad_id)
+
+
+def _step_logprobs(step_logits, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each sampled token and the entropy, [B, R] each (0 past ``mask``), from
+    generate's per-step logits (a tuple of R [B, V] tensors), one step at a time."""
+    from tether.ops import entropy_from_logits, token_logprobs
+
+    logps = torch.zeros(tokens.shape, dtype=torch.float32)
+    ent = torch.zeros(tokens.shape, dtype=torch.float32)
+    for t, logits in enumerate(step_logits):
+        logps[:, t] = token_logprobs(logits.unsqueeze(1), tokens[:, t : t + 1]).squeeze(1).float().cpu()
+        ent[:, t] = entropy_from_logits(logits).float().cpu()
+    m = mask.to(torch.float32)
+    return logps * m, ent * m
 
 
 def active_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
