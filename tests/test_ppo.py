@@ -305,7 +305,9 @@ def test_generate_keeps_the_sampling_models_logprobs(tiny_path, tiny_tokenizer):
 
 
 def test_generate_skips_logprobs_over_the_logits_budget(tiny_path, tiny_tokenizer, monkeypatch):
-    import tether.rollout.generate as g
+    import importlib
+
+    g = importlib.import_module("tether.rollout.generate")  # the package exports a function of that name
 
     enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
     policy = load_policy(tiny_path, MODEL)
