@@ -127,10 +127,11 @@ def main(argv=None) -> int:
         raise SystemExit("ppo needs --trl-ppo-path: TRL 1.16 has no PPO; "
                          "pip install --no-deps --target DIR trl==1.10.0 and pass DIR")
     results: dict = {}
+    args.previous = {}
     if args.update:
         if not args.out or not Path(args.out).with_suffix(".json").exists():
             raise SystemExit("--update needs --out naming an earlier table (its .json beside it)")
-        results = json.loads(Path(args.out).with_suffix(".json").read_text())
+        args.previous = json.loads(Path(args.out).with_suffix(".json").read_text())
     for task in args.tasks.split(","):
         results[task] = {"tether": [], "trl": []}
         for i in range(args.repeats):
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
                 results[task][impl].append(row)
                 if args.out:
                     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+                    # every run as it ends (the table and its JSON follow each task)
+                    Path(args.out).with_suffix(".runs.json").write_text(json.dumps(results, indent=1))
                 print(f"{task} {impl} run {i + 1}: {row['per_s']:.2f} {UNITS[task]}, {row['peak_rss_gb']:.2f} GB, "
                       f"MFU {row['mfu']:.1%}, {row['quality']}", file=sys.stderr, flush=True)
         if task == "ppo-head":
@@ -155,6 +157,9 @@ def main(argv=None) -> int:
 
 
 def write(results: dict, args) -> str:
+    done = {t: s for t, s in results.items() if s["tether"] and s["trl"]}
+    # --update: the earlier table's rows, each replaced once its rerun has both sides
+    results = {**getattr(args, "previous", {}), **done}
     text = table({t: s for t, s in results.items() if s["tether"] and s["trl"]}, args)
     if args.out:
         out = Path(args.out)

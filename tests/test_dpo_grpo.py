@@ -272,3 +272,47 @@ def test_stage_plan(overrides, stages):
     assert stages_for("sft", cfg) == ["data", "sft"]
     if cfg.policy in stages:
         assert stages_for(cfg.policy, cfg) == stages[: stages.index(cfg.policy) + 1]
+
+
+@pytest.mark.parametrize("case", ["rloo_kl_reward", "grpo_two_epochs"])
+def test_group_rl_sampler_logprobs_change_nothing(tiny_path, tiny_tokenizer, monkeypatch, case):
+    """The rollout-time log-probs read from the sampling steps give the training that a
+    forward pass gives, with fewer policy passes. Float64 models, float32 log-prob buffers:
+    metrics to 1e-5; weights to 1e-4, a tenth of one Adam step (lr 1e-3), because Adam's
+    first steps move a weight whose gradient is ~0 by ±lr on the sign of float32 noise."""
+    import copy
+
+    import tether.algorithms.grpo as grpo
+    from tether.config import GenerationConfig
+    from tether.models import frozen_copy
+
+    enc = _enc(tiny_tokenizer)
+    torch.manual_seed(0)
+    base = load_policy(tiny_path, MODEL).double()
+    prompts = [f"write {n} words about fruits" for n in ("two", "three", "four")] * 4
+    rloo = case == "rloo_kl_reward"
+    cfg = GRPOConfig(steps=2, rollout_batch_size=8, samples_per_prompt=4, mini_batch_size=8 if rloo else 4,
+                     micro_batch_size=4, epochs=1 if rloo else 2, advantage="rloo" if rloo else "grpo",
+                     kl_penalty="reward" if rloo else "loss", beta=0.05,
+                     generation=GenerationConfig(max_new_tokens=6, batch_size=8), optim=OptimConfig(lr=1e-3))
+    real_generate = grpo.generate
+
+    def reward(rollout):
+        return torch.tensor([-len(t.split()) / 6 for t in rollout.texts], dtype=torch.float64)
+
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(grpo, "generate", real_generate if on else
+                            (lambda *a, **k: real_generate(*a, **{**k, "logprobs": False})))
+        policy = copy.deepcopy(base)
+        calls = []
+        hook = policy.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+        out = grpo.train_grpo(policy, frozen_copy(base), enc, prompts, reward, cfg, seed=2)
+        hook.remove()
+        runs.append((policy, out, len(calls)))
+    (fast, o_fast, n_fast), (slow, o_slow, n_slow) = runs
+    assert n_fast < n_slow
+    for key in ("reward/score", "kl/ref"):
+        assert o_fast["last"][key] == pytest.approx(o_slow["last"][key], rel=1e-5, abs=1e-5), key
+    assert max(float((p - q).abs().max()) for p, q in zip(fast.parameters(), slow.parameters())) < 1e-4
+    assert max(float((p - q).abs().max()) for p, q in zip(fast.parameters(), base.parameters())) > 1e-3

@@ -357,7 +357,9 @@ def test_ppo_rollout_shortcuts_change_nothing(tiny_path, tiny_tokenizer, monkeyp
     """The first update's forward pass standing for its rows' rollout-time pass, and the
     sampler's own log-probs standing for the policy's forward pass, give the same training
     with fewer forward passes of the policy. Float64 models: the first is exact (1e-9); the
-    second reads log-probs from another kernel (decoding steps) kept in float32 buffers (1e-5)."""
+    second reads log-probs from another kernel (decoding steps) kept in float32 buffers
+    (metrics to 1e-5, weights to 1e-4: Adam's first steps move a weight whose gradient is
+    ~0 by ±lr on the sign of float32 noise)."""
     import copy
 
     import tether.algorithms.ppo as ppo
@@ -400,5 +402,6 @@ def test_ppo_rollout_shortcuts_change_nothing(tiny_path, tiny_tokenizer, monkeyp
     for a, b in zip(h_fast, h_slow):
         for key in ("reward/score", "kl/ref", "loss/policy", "loss/value", "value/mean", "policy/entropy"):
             assert a[key] == pytest.approx(b[key], rel=tol, abs=tol), key
-    assert max(float((p - q).abs().max()) for p, q in zip(fast.parameters(), slow.parameters())) < tol
+    w_tol = tol if shortcut == "first_update" else 1e-4
+    assert max(float((p - q).abs().max()) for p, q in zip(fast.parameters(), slow.parameters())) < w_tol
     assert max(float((p - q).abs().max()) for p, q in zip(fast.parameters(), base.parameters())) > 1e-4

@@ -87,6 +87,7 @@ def train_grpo(
     share = G if cfg.share_prompt else 1
     use_ref = cfg.beta > 0
     on_policy = cfg.epochs == 1 and cfg.mini_batch_size == cfg.rollout_batch_size
+    need_old = not on_policy or (use_ref and cfg.kl_penalty == "reward")  # rollout-time log-probs
     reward_takes_group = len(inspect.signature(reward_fn).parameters) >= 2
     updates = cfg.steps * cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
     engine = Engine([p for p in policy.parameters() if p.requires_grad], cfg.optim, updates, name=name)
@@ -117,8 +118,11 @@ def train_grpo(
         t0 = time.time()
         if sampler is not None:
             sampler.sync()
+        # sampling with the policy itself keeps its log-probs: the rollout-time log-probs
+        # (several updates per rollout, or RLOO's KL in the reward) need no forward pass
         rollout = generate(sampler.model if sampler is not None else policy, encoder,
-                           [prompts[i] for i in idx for _ in range(G)], cfg.generation, seed=seed * 1_000_003 + step)
+                           [prompts[i] for i in idx for _ in range(G)], cfg.generation, seed=seed * 1_000_003 + step,
+                           logprobs=sampler is None and need_old)
         t_gen = time.time() - t0
         mask = rollout.response_mask.float()
 
@@ -126,8 +130,10 @@ def train_grpo(
         raw = (reward_fn(rollout, share) if reward_takes_group else reward_fn(rollout)).float().cpu()
         rewards = raw - cfg.missing_eos_penalty * (~rollout.ended).float() if cfg.missing_eos_penalty else raw.clone()
         policy.eval()
-        old_logprobs = None if on_policy and not (use_ref and cfg.kl_penalty == "reward") else \
-            _logprobs(policy, rollout, cfg.micro_batch_size, share)
+        old_logprobs = None
+        if need_old:
+            old_logprobs = rollout.logprobs if rollout.logprobs is not None else \
+                _logprobs(policy, rollout, cfg.micro_batch_size, share)
         ref_logprobs = None
         if use_ref:
             with reference_context(policy, reference) as ref:
