@@ -327,12 +327,20 @@ class Engine:
     def step(self, loss: float | torch.Tensor | None = None) -> dict:
         """Clip, check, step the optimiser and scheduler, zero the gradients.
 
+        Under data parallel the gradients are summed over processes first, and ``loss`` must
+        be the global batch's (the same on every process), so all skip or step together.
+
         Returns ``{"grad_norm", "lr", "skipped"}``. A step whose ``loss`` (when given) or
         gradient is not finite is skipped (gradients dropped, weights and optimiser state
         untouched), counted and reported; :class:`NonFiniteError` after
         ``max_bad_steps`` of them in a row.
         """
         self.calls += 1
+        # data parallel: sum the processes' gradients (each normalised by global counts), so
+        # every process clips and steps on the same global-batch gradient
+        from tether import distributed
+
+        distributed.sync_gradients(self.params)
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)

@@ -25,6 +25,8 @@ from tether.config import DPOConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder
 from tether.checkpoint import Checkpointer, LoopState, RNGState
+from tether import distributed
+from tether.distributed import all_sum, all_sum_dict, local_micro
 from tether.engine import BatchPlan, Engine, MetricsLogger, length_groups, plan_steps, progress_bar, token_budget
 from tether.losses import dpo_loss, orpo_loss, simpo_loss
 from tether.models import grouped_logprobs, reference_context
@@ -133,16 +135,20 @@ def reference_logps(policy, reference, encoder: Encoder, rankings: list[Ranking]
     out = torch.zeros(len(rankings), k_max)
     was_training = policy.training
     policy.eval()
-    with reference_context(policy, reference) as ref, progress_bar(len(rankings), "reference log-probs",
+    # data parallel: each process computes a contiguous block, and the blocks are summed
+    world, at = distributed.world_size(), distributed.rank()
+    lo, hi = len(rankings) * at // world, len(rankings) * (at + 1) // world
+    with reference_context(policy, reference) as ref, progress_bar(hi - lo, "reference log-probs",
                                                                    unit="ranking") as bar:
-        for b in range(0, len(rankings), batch_size):
-            batch = collate_rankings(encoder, rankings[b : b + batch_size], share_prompt, split=True)
+        for b in range(lo, hi, batch_size):
+            batch = collate_rankings(encoder, rankings[b : min(b + batch_size, hi)], share_prompt, split=True)
             batch = {k: v.to(device) for k, v in batch.items()}
             logps, _ = ranking_logps(ref, batch)
             out[b : b + logps.size(0), : logps.size(1)] = logps.cpu()
             bar.update(logps.size(0))
     policy.train(was_training)
-    if cache_file is not None:
+    out = distributed.all_sum(out)
+    if cache_file is not None and distributed.is_main():
         cache_file = Path(cache_file)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
@@ -205,10 +211,11 @@ def train_dpo(
     budget = token_budget(optim.micro_batch_tokens, device)
     cost = ranking_cost(encoder, rankings, cfg.share_prompt)
     for step in range(start, 0 if loop["stopped"] else total):
-        groups = length_groups(plan.next(), cost, optim.micro_batch_size, budget)
+        # data parallel: this process's share of the step, weighted by the global pair count
+        groups = length_groups(local_micro(plan.next(), optim.micro_batch_size), cost, optim.micro_batch_size, budget)
         micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt, split=True))
                  for idx in groups]
-        n_global = sum(n_pairs(m["slot_mask"]) for _, m in micro)
+        n_global = all_sum(sum(n_pairs(m["slot_mask"]) for _, m in micro))
         sums: dict[str, float] = {}
         for idx, m in micro:
             m = {k: v.to(device) for k, v in m.items()}
@@ -222,6 +229,7 @@ def train_dpo(
             sums["loss/dpo"] = sums.get("loss/dpo", 0.0) + loss.detach().item() * weight
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * weight
+        sums = all_sum_dict(sums)
         info = engine.step(sums.get("loss/dpo"))
         last = {**sums, **{f"optim/{k}": v for k, v in info.items()}}
         loop["first"] = loop["first"] or last

@@ -34,6 +34,7 @@ from tether.models import (
     token_scalars,
 )
 from tether.ops import entropy_from_logits, masked_mean, masked_whiten
+from tether import distributed
 from tether.rollout import (
     Rollout,
     SamplingCopy,
@@ -41,6 +42,7 @@ from tether.rollout import (
     generate,
     group_chunks,
     group_tensors,
+    merge_rollouts,
     trimmed_batch,
 )
 
@@ -184,6 +186,25 @@ def _epoch_order(generator: torch.Generator, n: int, group: int) -> torch.Tensor
     return (perm.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
 
 
+def my_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
+    """This process's share of a mini-batch's rows under data parallel: every ``world``-th
+    group of ``group`` adjacent rows (one prompt's samples stay together)."""
+    world = distributed.world_size()
+    if world == 1:
+        return rows
+    return rows.view(-1, group)[distributed.rank() :: world].reshape(-1)
+
+
+def shared_rollout(local: Rollout, local_scores: torch.Tensor, pad_id: int) -> tuple[Rollout, torch.Tensor]:
+    """Every process's rollout and scores, joined in rank order (data parallel: each process
+    samples and scores a block of the rollout's prompts; the update needs them all for its
+    global statistics)."""
+    if distributed.world_size() == 1:
+        return local, local_scores
+    parts = distributed.gather_objects((local, local_scores))
+    return merge_rollouts([p[0] for p in parts], pad_id), torch.cat([p[1] for p in parts])
+
+
 def dropout_free(*models) -> bool:
     """No module or model config of these drops anything, so that a forward pass in training
     mode gives what the rollout-time (eval mode) pass gives."""
@@ -270,6 +291,7 @@ def train_ppo(
     # train- and eval-mode passes agree without dropout: the first update's forward pass can
     # then stand for the rollout-time pass of its rows
     reuse_first = dropout_free(policy, value_model)
+    world, rank = distributed.world_size(), distributed.rank()
     if monitor is not None:
         monitor.sampler = sampler
         if not start:
@@ -279,20 +301,22 @@ def train_ppo(
         if len(loop["order"]) < n_prompts:
             loop["order"] += torch.randperm(len(prompts), generator=generator).tolist()
         idx, loop["order"] = loop["order"][:n_prompts], loop["order"][n_prompts:]
-        idx = [i for i in idx for _ in range(G)]
+        # data parallel: each process samples and scores a block of the prompts
+        idx = [i for i in idx[n_prompts * rank // world : n_prompts * (rank + 1) // world] for _ in range(G)]
         t0 = time.time()
         if sampler is not None:
             sampler.sync()
         # sampling with the policy itself (no low-precision copy) keeps its log-probs: with a
         # separate critic, the rollout-time log-probs need no other policy forward pass
         rollout = generate(sampler.model if sampler is not None else policy, encoder, [prompts[i] for i in idx],
-                           cfg.generation, seed=seed * 1_000_003 + step,
+                           cfg.generation, seed=seed * 1_000_003 + step + 7_919_993 * rank,
                            logprobs=sampler is None and not isinstance(value_model, ValueHead))
         t_gen = time.time() - t0
-        mask = rollout.response_mask.float()
 
         # 2.–3. scores, log-probs, values
         scores = (score_fn(rollout, share) if score_takes_group else score_fn(rollout)).float().cpu()
+        rollout, scores = shared_rollout(rollout, scores, encoder.pad_id)
+        mask = rollout.response_mask.float()
         raw_scores = scores.clone()
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
@@ -301,14 +325,20 @@ def train_ppo(
         # the first update's micro-batch runs at the rollout-time weights: its training forward
         # pass (kept for its backward) also gives those rows' rollout-time log-probs and values
         order = _epoch_order(generator, len(rollout), G)
+        # this process's rows of epoch 0 (all rows with one process): it computes their
+        # rollout-time values, and the processes' results are summed
+        shares = [my_rows(order[mb], G) for mb in _chunks(len(rollout), cfg.mini_batch_size)]
+        mine = torch.cat(shares) if world > 1 else None
         first = None
-        rest = None
-        if reuse_first:
-            j0 = order[: cfg.micro_batch_size]
+        rest = None if mine is None else mine.sort().values
+        if reuse_first and len(shares[0]):
+            j0 = shares[0][: cfg.micro_batch_size]
             logps0, logits0, values0, w0 = _rows_forward(policy, value_model, rollout, j0, device, share,
                                                          return_logits=True)
             first = (j0, logps0, values0, w0)
-            rest = order[cfg.micro_batch_size :].sort().values
+            taken = set(j0.tolist())
+            rest = torch.tensor([i for i in (order if mine is None else mine).tolist() if i not in taken],
+                                dtype=torch.long).sort().values
         fwd = rollout_logprobs_and_values(policy, reference, value_model, rollout, cfg.micro_batch_size, share,
                                           rows=rest)
         if first is not None:
@@ -320,6 +350,8 @@ def train_ppo(
                 with reference_context(policy, reference) as ref:
                     fwd["ref_logprobs"][j0] = _pad_to(rows_logprobs(ref, rollout, j0, device, share).float().cpu(), R)
             del logits0
+        if world > 1:
+            fwd = {k: distributed.all_sum(v) for k, v in fwd.items()}
         old_logprobs, ref_logprobs, old_values = fwd["logprobs"], fwd["ref_logprobs"], fwd["values"] * mask
 
         # 4.–5. KL-penalised rewards, GAE
@@ -339,9 +371,10 @@ def train_ppo(
             perm = order if epoch == 0 else _epoch_order(generator, len(rollout), G)
             for mb in _chunks(len(rollout), cfg.mini_batch_size):
                 mb_idx = perm[mb]
+                mine_mb = my_rows(mb_idx, G)
                 mb_loss = 0.0
-                for mc in _chunks(len(mb_idx), cfg.micro_batch_size):
-                    j = mb_idx[mc]
+                for mc in _chunks(len(mine_mb), cfg.micro_batch_size):
+                    j = mine_mb[mc]
                     if first is not None:
                         _, logps, values, w = first
                         first = None
@@ -361,9 +394,12 @@ def train_ppo(
                     stats["ppo/clipfrac"].append(float(pstats["clipfrac"]))
                     stats["ppo/approx_kl"].append(float(pstats["approx_kl"]))
                     stats["value/clipfrac"].append(float(vstats["clipfrac"]))
-                info = engine.step(mb_loss)
+                info = engine.step(distributed.all_sum(mb_loss))
                 stats["optim/grad_norm"].append(info["grad_norm"])
         t_train = time.time() - t0
+        # micro-batch statistics averaged over every process's micro-batches
+        means = distributed.all_sum_dict({**{f"{k}:sum": sum(v) for k, v in stats.items()},
+                                          **{f"{k}:n": len(v) for k, v in stats.items()}})
 
         # 7. adapt β
         mean_kl = float(seq_kl.mean())
@@ -382,7 +418,7 @@ def train_ppo(
             "returns/mean": float(masked_mean(returns, mask)),
             "time/generate": t_gen,
             "time/train": t_train,
-            **{k: sum(v) / max(len(v), 1) for k, v in stats.items()},
+            **{k: means[f"{k}:sum"] / max(means[f"{k}:n"], 1) for k in stats},
         }
         if gold_fn is not None:
             gold = gold_fn(rollout.prompts, rollout.texts)
@@ -395,7 +431,8 @@ def train_ppo(
                         **({"gold": f"{row['reward/gold']:.3f}"} if "reward/gold" in row else {}))
         bar.update(1)
         loop["steps_done"] = steps_done = step + 1
-        if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+        stop = monitor is not None and monitor.due(steps_done) and monitor.check(steps_done)
+        if distributed.broadcast_object(bool(stop)):  # the monitor runs on the first process
             loop["stopped"] = True
         if checkpointer is not None:
             checkpointer.step(steps_done, state, final=loop["stopped"] or steps_done == cfg.steps)

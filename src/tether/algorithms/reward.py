@@ -16,6 +16,7 @@ from tether.config import RMConfig
 from tether.data.schemas import Ranking
 from tether.data.tokenize import Encoder, pad_left, pad_right
 from tether.checkpoint import Checkpointer, LoopState, RNGState
+from tether.distributed import all_sum, all_sum_dict, local_micro
 from tether.engine import BatchPlan, Engine, MetricsLogger, length_groups, plan_steps, progress_bar, token_budget
 from tether.losses import ensemble_ranking_loss, ranking_loss_terms
 from tether.models import grouped_token_scalars, token_scalars
@@ -165,11 +166,13 @@ def train_reward(
     budget = token_budget(optim.micro_batch_tokens, device)
     cost = ranking_cost(encoder, rankings, cfg.share_prompt)
     for step in range(start, total):
-        groups = length_groups(plan.next(), cost, optim.micro_batch_size, budget)
+        # data parallel: this process's share of the step (the normaliser is the global batch's)
+        groups = length_groups(local_micro(plan.next(), optim.micro_batch_size), cost, optim.micro_batch_size, budget)
         micro = [(idx, collate_rankings(encoder, [rankings[i] for i in idx], cfg.share_prompt)) for idx in groups]
         # Σ weight·terms per head over the whole batch: micro-batch losses add up to its mean
-        normaliser = sum((weights[idx] * ranking_loss_terms(torch.zeros(*m["slot_mask"].shape, heads), m["slot_mask"],
-                                                            cfg.loss)[1]).sum(dim=0) for idx, m in micro)
+        normaliser = all_sum(sum((weights[idx] * ranking_loss_terms(torch.zeros(*m["slot_mask"].shape, heads),
+                                                                    m["slot_mask"], cfg.loss)[1]).sum(dim=0)
+                                 for idx, m in micro) + torch.zeros(heads))
         loss_total, correct, pairs = 0.0, 0, 0
         for idx, m in micro:
             m = {k: v.to(device) for k, v in m.items()}
@@ -193,6 +196,8 @@ def train_reward(
                 else:
                     correct += int(((mean[:, i] > mean[:, j]) & valid).sum())
                 pairs += int(valid.sum())
+        summed = all_sum_dict({"loss": loss_total, "correct": correct, "pairs": pairs})
+        loss_total, correct, pairs = summed["loss"], int(summed["correct"]), int(summed["pairs"])
         info = engine.step(loss_total)
         loop["last"] = last = {"loss/rm": loss_total, "rm/train_accuracy": correct / max(pairs, 1),
                                **{f"optim/{k}": v for k, v in info.items()}}

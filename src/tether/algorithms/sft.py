@@ -15,6 +15,7 @@ from tether.config import SFTConfig
 from tether.data.schemas import Demonstration
 from tether.data.tokenize import Encoder, pad_right
 from tether.checkpoint import Checkpointer, LoopState, RNGState
+from tether.distributed import all_sum, local_micro
 from tether.engine import BatchPlan, Engine, MetricsLogger, length_groups, plan_steps, progress_bar, token_budget
 from tether.losses import sft_loss
 from tether.models import policy_logits
@@ -82,15 +83,17 @@ def train_sft(
         return 1, p + r
 
     for step in range(start, total):
-        groups = length_groups(plan.next(), cost, optim.micro_batch_size, budget)
+        # data parallel: this process's share of the step, normalised by the global token count
+        groups = length_groups(local_micro(plan.next(), optim.micro_batch_size), cost, optim.micro_batch_size, budget)
         micro = [collate_sft(encoder, [demos[i] for i in idx]) for idx in groups]
-        n_tokens = sum(int(m["loss_mask"][:, 1:].sum()) for m in micro)
+        n_tokens = int(all_sum(sum(int(m["loss_mask"][:, 1:].sum()) for m in micro)))
         loss_total = 0.0
         for m in micro:
             m = {k: v.to(device) for k, v in m.items()}
             loss = sft_micro_loss(model, m, normalizer=n_tokens)
             loss.backward()
             loss_total += loss.detach().item()
+        loss_total = all_sum(loss_total)
         info = engine.step(loss_total)
         loop["tokens_seen"] += n_tokens
         loop["last"] = last = {"loss/sft": loss_total, "tokens": n_tokens, **{f"optim/{k}": v for k, v in info.items()}}
@@ -105,7 +108,7 @@ def train_sft(
     out = {
         "steps": total,
         "final_loss": loop["last"].get("loss/sft"),
-        "tokens_per_s": (loop["tokens_seen"] - tokens0) / max(elapsed, 1e-9),  # this process's
+        "tokens_per_s": (loop["tokens_seen"] - tokens0) / max(elapsed, 1e-9),  # all processes'
         "skipped_steps": engine.skipped_steps,
         "seconds": elapsed,
     }

@@ -7,7 +7,8 @@ from tether.rollout.generate import (
     generate,
     group_chunks,
     group_tensors,
+    merge_rollouts,
     trimmed_batch,
 )
 
-__all__ = ["Rollout", "generate", "SamplingCopy", "active_autocast_dtype", "trimmed_batch", "group_tensors", "group_chunks"]
+__all__ = ["Rollout", "generate", "SamplingCopy", "active_autocast_dtype", "trimmed_batch", "group_tensors", "group_chunks", "merge_rollouts"]

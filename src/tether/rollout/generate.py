@@ -14,7 +14,7 @@ import torch
 from tether.config import GenerationConfig
 from tether.data.tokenize import Encoder, pad_left
 
-__all__ = ["Rollout", "generate", "SamplingCopy", "active_autocast_dtype", "trimmed_batch", "group_tensors", "group_chunks"]
+__all__ = ["Rollout", "generate", "merge_rollouts", "SamplingCopy", "active_autocast_dtype", "trimmed_batch", "group_tensors", "group_chunks"]
 
 
 @dataclass
@@ -128,7 +128,9 @@ def _static_cache_ok(model, device) -> bool:
     return not hasattr(model, "peft_config") and (low is None or dtype == low)
 
 
-def _merge(parts: list[Rollout], pad_id: int) -> Rollout:
+def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts joined row-wise (prompts re-padded on the left, responses on the right);
+    sampler log-probs are kept when every part has them."""
     if len(parts) == 1:
         return parts[0]
     p = max(r.query_ids.size(1) for r in parts)
@@ -148,8 +150,8 @@ def _merge(parts: list[Rollout], pad_id: int) -> Rollout:
         response_mask=torch.cat([rpad(r.response_mask, w, 0) for r in parts]),
         ended=torch.cat([r.ended for r in parts]),
         texts=[t for r in parts for t in r.texts],
-        logprobs=None if parts[0].logprobs is None else torch.cat([rpad(r.logprobs, w, 0.0) for r in parts]),
-        entropy=None if parts[0].entropy is None else torch.cat([rpad(r.entropy, w, 0.0) for r in parts]),
+        logprobs=None if any(r.logprobs is None for r in parts) else torch.cat([rpad(r.logprobs, w, 0.0) for r in parts]),
+        entropy=None if any(r.entropy is None for r in parts) else torch.cat([rpad(r.entropy, w, 0.0) for r in parts]),
     )
 
 
@@ -226,7 +228,7 @@ def generate(
                 progress(len(chunk))
     finally:
         model.train(was_training)
-    return _merge(parts, encoder.pad_id)
+    return merge_rollouts(parts, encoder.pad_id)
 
 
 def _step_logprobs(step_logits, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
