@@ -18,7 +18,7 @@ import torch
 from tether.config import GenerationConfig, ModelConfig, OptimConfig
 
 MODEL = ModelConfig(max_length=64, max_prompt_length=32)
-TRAINERS = ("sft", "rm", "dpo", "ppo", "ppo-critic")
+TRAINERS = ("sft", "rm", "dpo", "ppo", "ppo-critic", "grpo")
 
 
 def _free_port() -> int:
@@ -54,6 +54,28 @@ def _train(trainer: str, tiny_path: str):
 
         model = load_policy(tiny_path, MODEL).double()
         train_dpo(model, frozen_copy(model), encoder, _rankings(27), DPOConfig(max_steps=3, optim=optim), seed=11)
+    elif trainer == "grpo":
+        # the update on a given rollout: each process samples the whole batch with the same
+        # seed and weights (so the same samples), then trains its share of each mini-batch
+        from tether.algorithms.grpo import grpo_update
+        from tether.config import GRPOConfig
+        from tether.engine import Engine
+        from tether.rollout import generate
+        from tether.tasks import get_task
+
+        task = get_task("tiny")
+        model = load_policy(tiny_path, MODEL).double()
+        reference = frozen_copy(model)
+        cfg = GRPOConfig(steps=2, rollout_batch_size=12, samples_per_prompt=4, mini_batch_size=12,
+                         micro_batch_size=4, epochs=2, beta=0.05, generation=GenerationConfig(max_new_tokens=6),
+                         optim=OptimConfig(lr=1e-3))
+        engine = Engine(model.parameters(), cfg.optim, 4)
+        generator = torch.Generator().manual_seed(2)
+        prompts = task.train_prompts()[:3]
+        for step in range(cfg.steps):
+            rollout = generate(model, encoder, [p for p in prompts for _ in range(4)], cfg.generation, seed=10 + step)
+            raw = torch.tensor(task.gold_batch(rollout.prompts, rollout.texts)) + 0.1 * rollout.lengths.float()
+            grpo_update(model, reference, engine, rollout, raw, cfg, generator)
     else:
         from tether.algorithms.ppo import train_ppo
         from tether.config import PPOConfig

@@ -240,7 +240,8 @@ def train_dpo(
                         margin=f"{last.get('rewards/margin', float('nan')):.2f}")
         bar.update(1)
         loop["steps_done"] = steps_done = step + 1
-        if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+        stop = monitor is not None and monitor.due(steps_done) and monitor.check(steps_done)
+        if distributed.broadcast_object(bool(stop)):  # the monitor runs on the first process
             loop["stopped"] = True
         if checkpointer is not None:
             checkpointer.step(steps_done, state, final=loop["stopped"] or steps_done == total)

@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 
 from tether.advantages import grpo_advantages, rloo_advantages
-from tether.algorithms.ppo import _pad_to, rows_logprobs
+from tether import distributed
+from tether.algorithms.ppo import _pad_to, my_rows, rows_logprobs, shared_rollout
 from tether.config import GRPOConfig
 from tether.data.tokenize import Encoder
 from tether.checkpoint import Checkpointer, LoopState, RNGState
@@ -33,7 +34,7 @@ from tether.losses import grpo_policy_loss
 from tether.models import reference_context
 from tether.rollout import SamplingCopy, active_autocast_dtype, generate, group_chunks
 
-__all__ = ["train_grpo", "group_advantages"]
+__all__ = ["train_grpo", "grpo_update", "group_advantages", "needs_old_logprobs"]
 
 
 def group_advantages(rewards: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
@@ -45,12 +46,121 @@ def group_advantages(rewards: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logprobs(model, rollout, chunk: int, group: int) -> torch.Tensor:
+def _logprobs(model, rollout, chunk: int, group: int, rows=None) -> torch.Tensor:
+    """Response log-probs [B, R] of the rollout (or of ``rows`` only, the others 0)."""
     device = next(model.parameters()).device
     out = torch.zeros(len(rollout), rollout.response_ids.size(1))
-    for rows in group_chunks(rollout, group, chunk):
-        out[rows] = _pad_to(rows_logprobs(model, rollout, rows, device, group).float().cpu(), out.size(1))
+    index = torch.arange(len(rollout)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    sub = rollout if rows is None else rollout.select(index)
+    for part in group_chunks(sub, group, chunk):
+        out[index[part]] = _pad_to(rows_logprobs(model, sub, part, device, group).float().cpu(), out.size(1))
     return out
+
+
+def needs_old_logprobs(cfg: GRPOConfig) -> bool:
+    """Whether an update needs the rollout-time log-probs: several updates per rollout, or
+    RLOO's KL in the reward (one on-policy update takes them from its own forward pass)."""
+    on_policy = cfg.epochs == 1 and cfg.mini_batch_size == cfg.rollout_batch_size
+    return not on_policy or (cfg.beta > 0 and cfg.kl_penalty == "reward")
+
+
+def grpo_update(policy, reference, engine: Engine, rollout, raw: torch.Tensor, cfg: GRPOConfig,
+                generator: torch.Generator) -> dict:
+    """One rollout's update: penalties, group advantages, epochs × mini-batches of the
+    clipped loss (steps 2–4 above). Returns the rollout's metrics.
+
+    ``rollout``: the whole rollout batch (G adjacent samples per prompt) with ``raw``
+    rewards [B]. Under data parallel every process holds the same rollout and trains its
+    share of each mini-batch's groups (:func:`tether.algorithms.ppo.my_rows`); the
+    gradients are summed in ``engine.step``. ``generator`` draws the epochs' orders.
+    """
+    G = cfg.samples_per_prompt
+    share = G if cfg.share_prompt else 1
+    use_ref = cfg.beta > 0
+    device = next(policy.parameters()).device
+    world = distributed.world_size()
+    mask = rollout.response_mask.float()
+    rewards = raw - cfg.missing_eos_penalty * (~rollout.ended).float() if cfg.missing_eos_penalty else raw.clone()
+    perms = []
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(rollout) // G, generator=generator)
+        perms.append((perm.unsqueeze(1) * G + torch.arange(G)).reshape(-1))
+    # this process's rows (all rows with one process); the processes' log-probs are summed
+    mine = None
+    if world > 1:
+        mine = torch.cat([my_rows(perms[0][b : b + cfg.mini_batch_size], G)
+                          for b in range(0, len(rollout), cfg.mini_batch_size)]).sort().values
+    policy.eval()
+    old_logprobs = None
+    if needs_old_logprobs(cfg):
+        old_logprobs = rollout.logprobs if rollout.logprobs is not None else \
+            distributed.all_sum(_logprobs(policy, rollout, cfg.micro_batch_size, share, rows=mine))
+    ref_logprobs = None
+    if use_ref:
+        with reference_context(policy, reference) as ref:
+            ref_logprobs = distributed.all_sum(_logprobs(ref, rollout, cfg.micro_batch_size, share, rows=mine))
+    policy.train()
+    seq_kl = None
+    if old_logprobs is not None and ref_logprobs is not None:
+        seq_kl = ((old_logprobs - ref_logprobs) * mask).sum(dim=1)
+    if use_ref and cfg.kl_penalty == "reward":
+        rewards = rewards - cfg.beta * seq_kl
+
+    # 3. group-relative advantages, one per sequence
+    advantages = group_advantages(rewards, cfg)
+    spread = rewards.view(-1, G)
+    flat_groups = float((spread.amax(dim=1) == spread.amin(dim=1)).float().mean())
+
+    # 4. clipped policy loss (+ β·k3 to the reference), whole groups per micro-batch
+    stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "policy/clipfrac", "policy/approx_kl",
+                                                     "kl/k3", "optim/grad_norm")}
+    kl_in_loss = use_ref and cfg.kl_penalty == "loss"
+    live_kl = torch.zeros(len(rollout))
+    for epoch, perm in enumerate(perms):
+        for b in range(0, len(rollout), cfg.mini_batch_size):
+            mb = perm[b : b + cfg.mini_batch_size]
+            mb_tokens = float(mask[mb].sum())
+            mine_mb = my_rows(mb, G)
+            mb_loss = 0.0
+            for c in range(0, len(mine_mb), cfg.micro_batch_size):
+                j = mine_mb[c : c + cfg.micro_batch_size]
+                logps = rows_logprobs(policy, rollout, j, device, share)
+                w = logps.size(1)
+                m = mask[j][:, :w].to(device)
+                old = logps.detach() if old_logprobs is None else old_logprobs[j][:, :w].to(device)
+                ref = ref_logprobs[j][:, :w].to(device) if ref_logprobs is not None else None
+                loss, st = grpo_policy_loss(logps, old, advantages[j].to(device), m, clip=cfg.clip,
+                                            ref_logprobs=ref if kl_in_loss else None,
+                                            beta=cfg.beta if kl_in_loss else 0.0, aggregation=cfg.aggregation)
+                # micro-batch means → the mini-batch's mean (over tokens or over sequences)
+                weight = float(m.sum()) / mb_tokens if cfg.aggregation == "token" else len(j) / len(mb)
+                (loss * weight).backward()
+                mb_loss += loss.detach().item() * weight
+                stats["loss/policy"].append(loss.detach().item())
+                stats["policy/clipfrac"].append(float(st["clipfrac"]))
+                stats["policy/approx_kl"].append(float(st["approx_kl"]))
+                if "kl_ref" in st:
+                    stats["kl/k3"].append(float(st["kl_ref"]))
+                if epoch == 0 and ref is not None:
+                    live_kl[j] = ((logps.detach() - ref) * m).sum(dim=1).float().cpu()
+            info = engine.step(distributed.all_sum(mb_loss))
+            stats["optim/grad_norm"].append(info["grad_norm"])
+    if seq_kl is None and ref_logprobs is not None:
+        seq_kl = distributed.all_sum(live_kl)
+    # micro-batch statistics averaged over every process's micro-batches
+    means = distributed.all_sum_dict({**{f"{k}:sum": sum(v) for k, v in stats.items()},
+                                      **{f"{k}:n": len(v) for k, v in stats.items()}})
+    row = {
+        "reward/score": float(raw.mean()),
+        "reward/advantaged": float(rewards.mean()),
+        "groups/flat": flat_groups,
+        "response/length": float(rollout.lengths.float().mean()),
+        "response/ended": float(rollout.ended.float().mean()),
+        **{k: means[f"{k}:sum"] / means[f"{k}:n"] for k in stats if means[f"{k}:n"]},
+    }
+    if seq_kl is not None:
+        row["kl/ref"] = float(seq_kl.mean())
+    return row
 
 
 def train_grpo(
@@ -85,9 +195,7 @@ def train_grpo(
     G = cfg.samples_per_prompt
     n_prompts = cfg.rollout_batch_size // G
     share = G if cfg.share_prompt else 1
-    use_ref = cfg.beta > 0
-    on_policy = cfg.epochs == 1 and cfg.mini_batch_size == cfg.rollout_batch_size
-    need_old = not on_policy or (use_ref and cfg.kl_penalty == "reward")  # rollout-time log-probs
+    world, rank = distributed.world_size(), distributed.rank()
     reward_takes_group = len(inspect.signature(reward_fn).parameters) >= 2
     updates = cfg.steps * cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
     engine = Engine([p for p in policy.parameters() if p.requires_grad], cfg.optim, updates, name=name)
@@ -111,97 +219,31 @@ def train_grpo(
         if not start:
             monitor.check(0)
     for step in range(start, 0 if loop["stopped"] else cfg.steps):
-        # 1. rollout: n_prompts prompts × G samples in adjacent rows
+        # 1. rollout: n_prompts prompts × G samples in adjacent rows; data parallel: each
+        # process samples and rewards a block of the prompts
         if len(loop["order"]) < n_prompts:
             loop["order"] += torch.randperm(len(prompts), generator=generator).tolist()
         idx, loop["order"] = loop["order"][:n_prompts], loop["order"][n_prompts:]
+        idx = idx[n_prompts * rank // world : n_prompts * (rank + 1) // world]
         t0 = time.time()
         if sampler is not None:
             sampler.sync()
         # sampling with the policy itself keeps its log-probs: the rollout-time log-probs
         # (several updates per rollout, or RLOO's KL in the reward) need no forward pass
         rollout = generate(sampler.model if sampler is not None else policy, encoder,
-                           [prompts[i] for i in idx for _ in range(G)], cfg.generation, seed=seed * 1_000_003 + step,
-                           logprobs=sampler is None and need_old)
+                           [prompts[i] for i in idx for _ in range(G)], cfg.generation,
+                           seed=seed * 1_000_003 + step + 7_919_993 * rank,
+                           logprobs=sampler is None and needs_old_logprobs(cfg))
         t_gen = time.time() - t0
-        mask = rollout.response_mask.float()
 
-        # 2. rewards (and RLOO's KL in the reward)
+        # 2. rewards
         raw = (reward_fn(rollout, share) if reward_takes_group else reward_fn(rollout)).float().cpu()
-        rewards = raw - cfg.missing_eos_penalty * (~rollout.ended).float() if cfg.missing_eos_penalty else raw.clone()
-        policy.eval()
-        old_logprobs = None
-        if need_old:
-            old_logprobs = rollout.logprobs if rollout.logprobs is not None else \
-                _logprobs(policy, rollout, cfg.micro_batch_size, share)
-        ref_logprobs = None
-        if use_ref:
-            with reference_context(policy, reference) as ref:
-                ref_logprobs = _logprobs(ref, rollout, cfg.micro_batch_size, share)
-        policy.train()
-        seq_kl = None
-        if old_logprobs is not None and ref_logprobs is not None:
-            seq_kl = ((old_logprobs - ref_logprobs) * mask).sum(dim=1)
-        if use_ref and cfg.kl_penalty == "reward":
-            rewards = rewards - cfg.beta * seq_kl
+        rollout, raw = shared_rollout(rollout, raw, encoder.pad_id)
 
-        # 3. group-relative advantages, one per sequence
-        advantages = group_advantages(rewards, cfg)
-        spread = rewards.view(-1, G)
-        flat_groups = float((spread.amax(dim=1) == spread.amin(dim=1)).float().mean())
-
-        # 4. clipped policy loss (+ β·k3 to the reference), whole groups per micro-batch
-        stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "policy/clipfrac", "policy/approx_kl",
-                                                         "kl/k3", "optim/grad_norm")}
-        kl_in_loss = use_ref and cfg.kl_penalty == "loss"
-        live_kl = torch.zeros(len(rollout))
+        # 3.–4. advantages and the update
         t0 = time.time()
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(len(rollout) // G, generator=generator)
-            perm = (perm.unsqueeze(1) * G + torch.arange(G)).reshape(-1)
-            for b in range(0, len(rollout), cfg.mini_batch_size):
-                mb = perm[b : b + cfg.mini_batch_size]
-                mb_tokens = float(mask[mb].sum())
-                mb_loss = 0.0
-                for c in range(0, len(mb), cfg.micro_batch_size):
-                    j = mb[c : c + cfg.micro_batch_size]
-                    logps = rows_logprobs(policy, rollout, j, device, share)
-                    w = logps.size(1)
-                    m = mask[j][:, :w].to(device)
-                    old = logps.detach() if old_logprobs is None else old_logprobs[j][:, :w].to(device)
-                    ref = ref_logprobs[j][:, :w].to(device) if ref_logprobs is not None else None
-                    loss, st = grpo_policy_loss(logps, old, advantages[j].to(device), m, clip=cfg.clip,
-                                                ref_logprobs=ref if kl_in_loss else None,
-                                                beta=cfg.beta if kl_in_loss else 0.0, aggregation=cfg.aggregation)
-                    # micro-batch means → the mini-batch's mean (over tokens or over sequences)
-                    weight = float(m.sum()) / mb_tokens if cfg.aggregation == "token" else len(j) / len(mb)
-                    (loss * weight).backward()
-                    mb_loss += loss.detach().item() * weight
-                    stats["loss/policy"].append(loss.detach().item())
-                    stats["policy/clipfrac"].append(float(st["clipfrac"]))
-                    stats["policy/approx_kl"].append(float(st["approx_kl"]))
-                    if "kl_ref" in st:
-                        stats["kl/k3"].append(float(st["kl_ref"]))
-                    if epoch == 0 and ref is not None:
-                        live_kl[j] = ((logps.detach() - ref) * m).sum(dim=1).float().cpu()
-                info = engine.step(mb_loss)
-                stats["optim/grad_norm"].append(info["grad_norm"])
-        t_train = time.time() - t0
-        if seq_kl is None and ref_logprobs is not None:
-            seq_kl = live_kl
-
-        row = {
-            "reward/score": float(raw.mean()),
-            "reward/advantaged": float(rewards.mean()),
-            "groups/flat": flat_groups,
-            "response/length": float(rollout.lengths.float().mean()),
-            "response/ended": float(rollout.ended.float().mean()),
-            "time/generate": t_gen,
-            "time/train": t_train,
-            **{k: sum(v) / len(v) for k, v in stats.items() if v},
-        }
-        if seq_kl is not None:
-            row["kl/ref"] = float(seq_kl.mean())
+        row = grpo_update(policy, reference, engine, rollout, raw, cfg, generator)
+        row.update({"time/generate": t_gen, "time/train": time.time() - t0})
         if gold_fn is not None:
             gold = gold_fn(rollout.prompts, rollout.texts)
             row["reward/gold"] = sum(gold) / len(gold)
@@ -214,7 +256,8 @@ def train_grpo(
                         **({"gold": f"{row['reward/gold']:.3f}"} if "reward/gold" in row else {}))
         bar.update(1)
         loop["steps_done"] = steps_done = step + 1
-        if monitor is not None and monitor.due(steps_done) and monitor.check(steps_done):
+        stop = monitor is not None and monitor.due(steps_done) and monitor.check(steps_done)
+        if distributed.broadcast_object(bool(stop)):  # the monitor runs on the first process
             loop["stopped"] = True
         if checkpointer is not None:
             checkpointer.step(steps_done, state, final=loop["stopped"] or steps_done == cfg.steps)
