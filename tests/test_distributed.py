@@ -160,3 +160,27 @@ def test_sharing_helpers_split_and_sum_as_documented():
     assert distributed.local_micro([[0, 1], [2]], 2) == [[0, 1], [2]]
     assert distributed.all_sum(2.5) == 2.5
     assert distributed.all_sum_dict({"a": 1.0}) == {"a": 1.0}
+
+
+@pytest.mark.smoke
+def test_tether_run_nproc_2_runs_the_pipeline_data_parallel(tmp_path, _tether_home):
+    """`tether run --nproc 2`: torchrun starts 2 processes; the training stages run on both
+    (stage.json says so), the first process alone writes the run directory."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tether.cli", "run", "--preset", "tiny", "--nproc", "2", "--out", str(out),
+           "--sft.epochs", "1", "--prefs.n_prompts", "400", "--rm.epochs", "1", "--ppo.steps", "4",
+           "--monitor.checks", "2", "--eval.n_prompts", "32"]
+    env = {**os.environ, "TETHER_QUIET": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("sft", "rm", "ppo"):
+        assert json.loads((out / stage / "stage.json").read_text())["processes"] == 2
+    assert "processes" not in json.loads((out / "prefs" / "stage.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["eval"]) >= {"base", "sft", "ppo"}
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward/score" in r] == [0, 1, 2, 3]  # one writer, no duplicates

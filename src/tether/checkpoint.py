@@ -320,6 +320,11 @@ class Checkpointer:
             return None
         if steps_done in self.saved:
             return None
+        from tether import distributed
+
+        if not distributed.is_main():  # data parallel: the processes' states are the same; one saves
+            self.saved.append(steps_done)
+            return None
         return self.save(steps_done, components)
 
     def save(self, steps_done: int, components: dict[str, Any]) -> Path:

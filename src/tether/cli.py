@@ -62,6 +62,30 @@ def _split_overrides(extra: list[str]) -> tuple[str | None, list[str]]:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="built-in preset to start from (default: 'default')")
     p.add_argument("--out", help="run directory (default: runs/<preset>)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (one per GPU, or CPU processes): launches "
+                        "torchrun; for several machines start `torchrun ... -m tether.cli run` yourself")
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Start ``nproc`` copies of this command under torchrun (the same arguments, less
+    ``--nproc``) and wait for them."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tether.cli", *rest]
+    env = dict(os.environ)
+    if not env.get("OMP_NUM_THREADS"):  # share the CPU cores out instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or nproc) // nproc))
+    return subprocess.call(cmd, env=env)
 
 
 def _load(args, extra):
@@ -137,6 +161,9 @@ def cmd_run(args, extra, command: str | None = None) -> int:
     from tether.config import POLICIES
     from tether.pipeline import Pipeline
 
+    if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _load(args, [*extra, f"--policy={command}"] if command in POLICIES else extra)  # config errors here, once
+        return _launch(args.nproc, _ARGV or sys.argv[1:])
     if command in POLICIES:
         extra = [*extra, f"--policy={command}"]
     cfg = _load(args, extra)
@@ -144,6 +171,12 @@ def cmd_run(args, extra, command: str | None = None) -> int:
     start = time.time()
     pipe = Pipeline(cfg)
     summary = pipe.run(stages)
+    from tether import distributed
+
+    if not distributed.is_main():
+        distributed.shutdown()
+        return 0
+    distributed.shutdown()
     _print_summary(summary)
     print(f"done in {time.time() - start:.0f}s")
     return 0
@@ -609,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ARGV: list[str] | None = None  # main()'s arguments, for --nproc's relaunch
+
+
 def main(argv: list[str] | None = None) -> int:
     from tether.config import ConfigError
     from tether.data.io import DataError
@@ -623,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     # peft asks transformers a deprecated question on every LoRA wrap; not the user's concern
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else None
     args, extra = parser.parse_known_args(argv)
     try:
         if args.command == "run":

@@ -62,6 +62,8 @@ class ModelConfig:
         "auto", "Mixed precision for forward/backward passes: 'auto' = bfloat16 where the hardware has it "
         "(AVX512-BF16/AMX CPUs, bf16 GPUs); weights and optimiser state stay in model.dtype."
     )
+    device: str = _f("auto", "Where models run: 'auto' (this process's GPU when CUDA is there, else the CPU), "
+                             "'cpu', 'cuda', or a torch device such as 'cuda:1'.")
     max_length: int = _f(128, "Longest prompt + response in tokens; longer prompts are cut from the left.")
     max_prompt_length: int = _f(96, "Longest prompt in tokens (cut from the left, counted as a warning).")
 

@@ -102,11 +102,18 @@ def _lora_config(lora: LoRAConfig, task_type: str):
     )
 
 
+def _device(model_cfg: ModelConfig) -> torch.device:
+    from tether.distributed import device_for_rank
+
+    return device_for_rank(getattr(model_cfg, "device", "auto"))
+
+
 def load_policy(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None = None, *, trainable: bool = True):
     """A causal LM from a zoo name, folder or hub id; wrapped with LoRA when ``lora.enabled``."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=_DTYPES[model_cfg.dtype])
+    model = model.to(_device(model_cfg))
     if lora is not None and lora.enabled and trainable:
         from peft import get_peft_model
 
@@ -164,6 +171,7 @@ def load_scalar_model(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None
         model.config.num_labels = model.num_labels = 1
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
+    model = model.to(_device(model_cfg))
     if lora is not None and lora.enabled:
         from peft import get_peft_model
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from tether import distributed
 from tether.config import POLICIES, STAGES, ConfigError, RunConfig, config_to_dict
 from tether.data.io import atomic_write_text, write_json, write_jsonl
 from tether.data.schemas import Ranking, load_demonstrations, load_rankings
@@ -55,6 +57,10 @@ def complete_sentences(text: str) -> str:
 
 
 def _say(msg: str) -> None:
+    from tether import distributed
+
+    if not distributed.is_main():  # data parallel: the first process speaks for all
+        return
     from rich.console import Console
 
     Console(stderr=True).print(msg)
@@ -149,7 +155,12 @@ class Pipeline:
         return model.to(low) if low is not None else model
 
     def logger(self, folder: Path) -> MetricsLogger:
-        """The stage's metrics.jsonl, plus the run's trackers (TensorBoard: DIR/tensorboard/<stage>)."""
+        """The stage's metrics.jsonl, plus the run's trackers (TensorBoard: DIR/tensorboard/<stage>).
+        Under data parallel only the first process writes (the others log to memory)."""
+        from tether import distributed
+
+        if not distributed.is_main():
+            return MetricsLogger(None)
         return MetricsLogger(folder / "metrics.jsonl", trackers=self.cfg.trackers,
                              tensorboard_dir=self.dir / "tensorboard" / folder.name,
                              run_name=f"{self.dir.name}/{folder.name}")
@@ -171,8 +182,12 @@ class Pipeline:
 
     def make_monitor(self, name: str, policy, reference, total_steps: int, logger, *, proxy_fn=None,
                      implicit_beta: float | None = None, implicit: str = "kl"):
-        """The monitor of a policy stage (None when ``monitor.enabled`` is off)."""
-        if not self.cfg.monitor.enabled:
+        """The monitor of a policy stage (None when ``monitor.enabled`` is off, and on every
+        process but the first under data parallel: it alone samples and scores the validation
+        prompts, and its stop decision is broadcast)."""
+        from tether import distributed
+
+        if not self.cfg.monitor.enabled or not distributed.is_main():
             return None
         from tether.monitor import Monitor
         from tether.rewards import parse_reward_spec
@@ -212,9 +227,12 @@ class Pipeline:
         """Save the stage's policy as ``checkpoint/`` and, when the monitor's best check is not
         the last, the other one beside it (``best/`` or, with ``monitor.select: best``,
         ``last/``); returns the monitor's summary (written to ``monitor.json`` too)."""
+        from tether import distributed
         from tether.models import save_checkpoint
 
         tok = self.encoder().tokenizer
+        if not distributed.is_main():  # data parallel: every process holds the same weights
+            return {}
         if monitor is None:
             save_checkpoint(policy, tok, folder / "checkpoint")
             return {}
@@ -304,6 +322,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
     def run(self, stages: list[str] | None = None) -> dict:
+        """Run the stages in order, skipping finished ones.
+
+        Under a launcher (``tether run --nproc N``, ``torchrun``, ``accelerate launch``) every
+        process runs the training stages data-parallel (:mod:`tether.distributed`); the
+        first process alone runs the others (data, preference sampling, evaluation), writes
+        every file, and the rest wait for it.
+        """
+        from tether import distributed
+
+        distributed.init_from_env()
+        main = distributed.is_main()
+        if not main:
+            os.environ["TETHER_QUIET"] = "1"
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         from transformers.utils import logging as hf_logging
@@ -311,24 +342,41 @@ class Pipeline:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
         stages = stages or self.cfg.stage_list()
-        write_json(self.dir / "config.json", config_to_dict(self.cfg))
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        if distributed.world_size() > 1:
+            # a zoo model is built (or unpacked) once, by the first process: transformers saves
+            # on the first process only once a process group is up
+            from tether.zoo import ZOO, resolve_model
+
+            if main and self.cfg.model.name in ZOO:
+                resolve_model(self.cfg.model.name)
+            distributed.barrier()
+        if main:
+            write_json(self.dir / "config.json", config_to_dict(self.cfg))
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         for stage in stages:
+            distributed.barrier()
             if self.is_done(stage):
                 _say(f"[dim]• {stage}: done already ({self.stage_dir(stage)}), skipped[/dim]")
-                if not self.cfg.checkpoint.keep_after:  # a kill between its stage.json and the clean-up
+                if main and not self.cfg.checkpoint.keep_after:  # a kill between its stage.json and the clean-up
                     shutil.rmtree(self.stage_dir(stage) / "checkpoints", ignore_errors=True)
                 continue
             folder = self.stage_dir(stage)
-            resume = self._resumable(stage)
-            if folder.exists() and stage != "eval" and resume is None:  # eval keeps the evaluations it can reuse
-                shutil.rmtree(folder)  # a stage cut off earlier, with no checkpoint to go on from, starts again
-            if resume is None:
-                shutil.rmtree(self.dir / "tensorboard" / stage, ignore_errors=True)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "stage.json").unlink(missing_ok=True)
-            atomic_write_text(folder / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-            _say(f"[bold]• {stage}[/bold]" + (f" (resuming: checkpoint of step {resume})" if resume is not None else ""))
+            resume = distributed.broadcast_object(self._resumable(stage) if main else None)
+            if main:
+                if folder.exists() and stage != "eval" and resume is None:  # eval keeps the evaluations it can reuse
+                    shutil.rmtree(folder)  # a stage cut off earlier, with no checkpoint to go on from, starts again
+                if resume is None:
+                    shutil.rmtree(self.dir / "tensorboard" / stage, ignore_errors=True)
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "stage.json").unlink(missing_ok=True)
+                atomic_write_text(folder / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            distributed.barrier()
+            if stage not in TRAINING_STAGES and not main:
+                continue  # the first process runs it; the next barrier waits for it
+            parallel = f" on {distributed.world_size()} processes" if stage in TRAINING_STAGES and \
+                distributed.world_size() > 1 else ""
+            _say(f"[bold]• {stage}[/bold]{parallel}" +
+                 (f" (resuming: checkpoint of step {resume})" if resume is not None else ""))
             t0 = time.time()
             from tether.checkpoint import _fault
             from tether.errors import CheckpointError, NonFiniteError
@@ -336,7 +384,7 @@ class Pipeline:
 
             self._checkpointer = self.make_checkpointer(stage) if stage in TRAINING_STAGES else None
             try:
-                with autocast_context(self.cfg.model.autocast):
+                with autocast_context(self.cfg.model.autocast, self.device):
                     result = getattr(self, f"stage_{stage}")(folder)
             except (NonFiniteError, CheckpointError) as exc:
                 from tether.checkpoint import latest_valid
@@ -348,11 +396,18 @@ class Pipeline:
                          else "it had saved no checkpoint yet")
                 raise type(exc)(f"{stage + ': ' if isinstance(exc, CheckpointError) else ''}{exc}; {where}") from None
             _fault(stage, "end", 1)
+            if not main:
+                continue
             result["seconds"] = round(time.time() - t0, 2)
+            if parallel:
+                result["processes"] = distributed.world_size()
             write_json(folder / "stage.json", result)
             if self._checkpointer is not None:
                 self._checkpointer.finish(keep=self.cfg.checkpoint.keep_after)
             self.write_summary()
+        distributed.barrier()
+        if not main:
+            return {}
         summary = self.write_summary()
         if self.cfg.report:
             from tether.report import build_report
@@ -364,6 +419,13 @@ class Pipeline:
                 _say(f"[yellow]warning: could not write {self.dir / 'report.html'}: {exc}; "
                      f"`tether report {self.dir}` retries[/yellow]")
         return summary
+
+    @property
+    def device(self) -> torch.device:
+        """Where this process's models go (``model.device``; ``auto``: its GPU, else the CPU)."""
+        from tether.distributed import device_for_rank
+
+        return device_for_rank(self.cfg.model.device)
 
     # ------------------------------------------------------------------ stages
     def stage_data(self, folder: Path) -> dict:
@@ -462,6 +524,8 @@ class Pipeline:
         logger = self.logger(folder)
         result = train_sft(model, encoder, demos, cfg.sft, seed=seed, logger=logger, checkpointer=self._checkpointer)
         logger.close()
+        if not distributed.is_main():
+            return result
         save_checkpoint(model, encoder.tokenizer, folder / "checkpoint")
         if (msg := encoder.stats.summary()):
             _say(f"[yellow]warning: {msg}[/yellow]")
@@ -698,6 +762,8 @@ class Pipeline:
         logger = self.logger(folder)
         result = train_reward(model, encoder, rankings, cfg.rm, seed=seed, logger=logger,
                               checkpointer=self._checkpointer)
+        if not distributed.is_main():  # the first process evaluates and saves
+            return result
         # held-out pairwise accuracy against the gold order
         groups = [rec for _, rec in read_jsonl(self.stage_dir("prefs") / "heldout.jsonl")]
         agree = total = 0
@@ -742,7 +808,7 @@ class Pipeline:
         if cfg.ppo.critic == "head":
             from tether.algorithms.ppo import ValueHead
 
-            value_model = ValueHead(policy.config.hidden_size)
+            value_model = ValueHead(policy.config.hidden_size).to(next(policy.parameters()).device)
         else:
             value_from = self.checkpoint("rm") if cfg.ppo.value_init == "rm" else self.checkpoint("sft")
             value_model = load_scalar_model(value_from, cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
@@ -834,6 +900,8 @@ class Pipeline:
         result = train_dpo(policy, reference, encoder, rankings, d, seed=seed, ref_logps=ref_logps, logger=logger,
                            monitor=monitor, checkpointer=self._checkpointer)
         result["reference_cache_hit"] = cache_hit
+        if not distributed.is_main():  # the first process evaluates and saves
+            return result
         # the checkpoint's weights (monitor.select: last or best) stay in memory for what follows
         result["monitor"] = self.save_policy(folder, policy, monitor)
         # held-out: does the implicit reward β·(log π − log π_ref) order the held-out

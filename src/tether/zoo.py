@@ -188,11 +188,23 @@ def pull(name: str, *, force: bool = False) -> Path:
     dest = _zoo_dir(name)
     if (dest / "tether_zoo.json").is_file() and not force:
         return dest
+    import fcntl
+
     from tether.data.io import atomic_directory
 
-    with atomic_directory(dest) as tmp:
-        ZOO[name].build(tmp)
-        (tmp / "tether_zoo.json").write_text(json.dumps({"name": name}) + "\n")
+    # processes that pull at once (data-parallel ranks, parallel test workers) build it once:
+    # the first holds the lock and builds; the others then find it built
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (dest / "tether_zoo.json").is_file() and not force:
+                return dest
+            with atomic_directory(dest) as tmp:
+                ZOO[name].build(tmp)
+                (tmp / "tether_zoo.json").write_text(json.dumps({"name": name}) + "\n")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return dest
 
 
