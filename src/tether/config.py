@@ -84,9 +84,16 @@ class LoRAConfig:
     alpha: int = _f(32, "LoRA alpha (scaling = alpha / r).")
     dropout: float = _f(0.0, "Dropout on the LoRA path.")
     target_modules: str = _f("all-linear", "Modules to adapt: 'all-linear' or a comma-separated list of names.")
+    quantize: Literal["none", "4bit", "8bit"] = _f(
+        "none", "QLoRA: hold the frozen base weights in 4-bit NF4 (or 8-bit) through bitsandbytes "
+                "(`pip install 'tether[qlora]'`; made for CUDA, its CPU kernels are slow); the adapters train in "
+                "model.dtype, and saved checkpoints merge them into the base in full precision.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = _f(
+        "bfloat16", "QLoRA: the dtype 4-bit weights are dequantised to for each product.")
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "r", f"must be > 0, got {self.r}")
+        _check(self.quantize == "none" or self.enabled, "quantize", "needs lora.enabled: true (QLoRA trains adapters)")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "position_ids_from_mask",
     "resolve_autocast",
     "autocast_context",
+    "is_quantized",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,12 +109,59 @@ def _device(model_cfg: ModelConfig) -> torch.device:
     return device_for_rank(getattr(model_cfg, "device", "auto"))
 
 
+def _quantized(lora: LoRAConfig | None) -> bool:
+    return lora is not None and lora.enabled and getattr(lora, "quantize", "none") != "none"
+
+
+def _from_pretrained(auto_class, name: str, model_cfg: ModelConfig, lora: LoRAConfig | None, **kwargs):
+    """``auto_class.from_pretrained`` on this process's device; with QLoRA the base weights
+    are quantised by bitsandbytes as they load and prepared for adapter training (norms
+    and head in float32, input gradients on for the adapters)."""
+    device = _device(model_cfg)
+    if not _quantized(lora):
+        return auto_class.from_pretrained(resolve_model(name), dtype=_DTYPES[model_cfg.dtype], **kwargs).to(device)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        from tether.config import ConfigError
+
+        raise ConfigError("lora.quantize: needs bitsandbytes (pip install 'tether[qlora]')") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    compute = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[lora.compute_dtype]
+    if lora.quantize == "4bit":
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    model = auto_class.from_pretrained(resolve_model(name), dtype=_DTYPES[model_cfg.dtype], quantization_config=bnb,
+                                       device_map={"": device}, **kwargs)
+    for module in model.modules():
+        # bitsandbytes (0.50) repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first
+        # eval-mode pass, for good; that kernel has no backward, so the training passes after
+        # it would stop the gradient at every layer (it warns "gemv_4bit ... backprop")
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def is_quantized(model) -> bool:
+    """Whether ``model`` (or the model under its peft wrapper) holds bitsandbytes weights."""
+    inner = _unwrap(model)
+    return bool(getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False)
+                or getattr(getattr(inner, "config", None), "quantization_config", None))
+
+
 def load_policy(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None = None, *, trainable: bool = True):
-    """A causal LM from a zoo name, folder or hub id; wrapped with LoRA when ``lora.enabled``."""
+    """A causal LM from a zoo name, folder or hub id; wrapped with LoRA when ``lora.enabled``
+    (QLoRA: on a 4-bit base, ``lora.quantize``)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=_DTYPES[model_cfg.dtype])
-    model = model.to(_device(model_cfg))
+    quantize = _quantized(lora) and trainable
+    model = _from_pretrained(AutoModelForCausalLM, name, model_cfg, lora if quantize else None)
+    if quantize:
+        model._tether_source = {"name": str(name), "kind": "causal", "dtype": model_cfg.dtype}
     if lora is not None and lora.enabled and trainable:
         from peft import get_peft_model
 
@@ -154,12 +202,13 @@ def load_scalar_model(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights newly initialised" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(name), num_labels=stored if collapse else num_labels, dtype=_DTYPES[model_cfg.dtype],
-            ignore_mismatched_sizes=True,
-        )
+        model = _from_pretrained(AutoModelForSequenceClassification, name, model_cfg, lora,
+                                 num_labels=stored if collapse else num_labels, ignore_mismatched_sizes=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if _quantized(lora):
+        model._tether_source = {"name": str(name), "kind": "scalar", "dtype": model_cfg.dtype,
+                                "num_labels": stored if collapse else num_labels}
     if collapse:
         head = model.score
         mean = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype)
@@ -171,7 +220,6 @@ def load_scalar_model(name: str, model_cfg: ModelConfig, lora: LoRAConfig | None
         model.config.num_labels = model.num_labels = 1
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
-    model = model.to(_device(model_cfg))
     if lora is not None and lora.enabled:
         from peft import get_peft_model
 
@@ -442,6 +490,42 @@ def grouped_token_scalars(model, query_ids, query_mask, response_ids, response_m
     return out if out.dtype == torch.float64 else out.float()
 
 
+def _merged_full_precision(model):
+    """A QLoRA model's adapters merged into its base weights loaded again in full precision
+    (merging into 4-bit weights would round the adapters away): a plain model on the CPU."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    inner = _unwrap(model)
+    source = getattr(inner, "_tether_source", None)
+    if source is None:
+        raise ValueError("a quantised model not loaded by tether.models cannot be merged into a full-precision base")
+    cfg = ModelConfig(name=source["name"], dtype=source["dtype"], device="cpu")
+    if source["kind"] == "causal":
+        base = _from_pretrained(AutoModelForCausalLM, source["name"], cfg, None)
+    else:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            base = _from_pretrained(AutoModelForSequenceClassification, source["name"], cfg, None,
+                                    num_labels=source["num_labels"], ignore_mismatched_sizes=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        base.config.pad_token_id = inner.config.pad_token_id
+    peft_cfg = copy.deepcopy(model.peft_config[model.active_adapter])
+    full = get_peft_model(base, peft_cfg)
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+             for k, v in get_peft_model_state_dict(model).items()}
+    set_peft_model_state_dict(full, state)
+    merged = full.merge_and_unload()
+    merged.config.quantization_config = None
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    return merged
+
+
 def save_checkpoint(model, tokenizer, dest: str | Path) -> Path:
     """Save a plain HF checkpoint (weights + config + tokenizer) atomically.
 
@@ -450,7 +534,9 @@ def save_checkpoint(model, tokenizer, dest: str | Path) -> Path:
     """
     dest = Path(dest)
     to_save = model
-    if hasattr(model, "merge_and_unload"):
+    if hasattr(model, "merge_and_unload") and is_quantized(model):
+        to_save = _merged_full_precision(model)
+    elif hasattr(model, "merge_and_unload"):
         to_save = copy.deepcopy(model).merge_and_unload()
     with atomic_directory(dest) as tmp:
         to_save.save_pretrained(tmp)

@@ -265,7 +265,10 @@ class Monitor:
 
         device = next(self.policy.parameters()).device
         low = active_autocast_dtype(device)
-        if self.sampler is None and (low is not None or hasattr(self.policy, "merge_and_unload")):
+        from tether.models import is_quantized
+
+        if self.sampler is None and (low is not None or hasattr(self.policy, "merge_and_unload")) \
+                and not is_quantized(self.policy):  # a QLoRA policy samples itself
             self.sampler = SamplingCopy(self.policy, low or next(self.policy.parameters()).dtype)
         if self.sampler is not None:
             self.sampler.sync()

@@ -31,7 +31,7 @@ from tether.data.tokenize import Encoder
 from tether.checkpoint import Checkpointer, LoopState, RNGState
 from tether.engine import Engine, MetricsLogger, progress_bar
 from tether.losses import grpo_policy_loss
-from tether.models import reference_context
+from tether.models import is_quantized, reference_context
 from tether.rollout import SamplingCopy, active_autocast_dtype, generate, group_chunks
 
 __all__ = ["train_grpo", "grpo_update", "group_advantages", "needs_old_logprobs"]
@@ -202,8 +202,10 @@ def train_grpo(
     generator = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
     low = active_autocast_dtype(device)
+    # (a QLoRA policy samples itself: merging adapters into 4-bit weights would round them away)
     is_peft = hasattr(policy, "merge_and_unload")
-    sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) if low is not None or is_peft else None
+    sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) \
+        if (low is not None or is_peft) and not is_quantized(policy) else None
     loop = LoopState(order=[], first={}, last={}, steps_done=0, stopped=False)
     state = {"policy": policy, "engine": engine, "rng": RNGState(data=generator), "loop": loop}
     if logger is not None:

@@ -27,6 +27,7 @@ from tether.checkpoint import Checkpointer, LoopState, RNGState
 from tether.engine import Engine, MetricsLogger, progress_bar
 from tether.losses import ppo_policy_loss, value_loss
 from tether.models import (
+    is_quantized,
     grouped_logprobs,
     grouped_token_scalars,
     reference_context,
@@ -278,8 +279,10 @@ def train_ppo(
     # for a LoRA policy in any case (no adapter products per decoding step, and a merged
     # plain model can use the static KV cache: ~1.8x faster decoding on a CPU)
     low = active_autocast_dtype(device)
+    # (a QLoRA policy samples itself: merging adapters into 4-bit weights would round them away)
     is_peft = hasattr(policy, "merge_and_unload")
-    sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) if low is not None or is_peft else None
+    sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) \
+        if (low is not None or is_peft) and not is_quantized(policy) else None
     bar = progress_bar(cfg.steps, "ppo", unit="rollout")
     bar.update(start)
     G = cfg.samples_per_prompt
