@@ -279,6 +279,11 @@ class PPOConfig:
                                   "cache repeated): the same results for less compute. Needs mini_batch_size and "
                                   "micro_batch_size to be multiples of samples_per_prompt.")
     kl: KLConfig = _sub(KLConfig, "KL penalty to the reference (SFT) policy.")
+    rollout_backend: Literal["transformers", "vllm"] = _f(
+        "transformers", "Rollout sampling engine: transformers' generate, or vLLM (the vllm extra; GPUs, or vLLM's "
+                        "CPU build), whose weights are synced from the trainer after each update.")
+    vllm_memory: float = _f(0.3, "rollout_backend vllm: its share of GPU memory (CPU build: of CPU memory) for weights "
+                                 "and KV cache; the trainer keeps the rest.")
     generation: GenerationConfig = _sub(GenerationConfig, "Rollout sampling.")
     optim: OptimConfig = _sub(OptimConfig, "Policy optimiser (batch sizes are taken from this section).")
 
@@ -363,6 +368,11 @@ class GRPOConfig:
                                                             "per sequence first (GRPO's paper).")
     missing_eos_penalty: float = _f(0.0, "Subtracted from the reward of a response cut off before EOS.")
     share_prompt: bool = _f(True, "Run each prompt once for its G samples (KV cache repeated).")
+    rollout_backend: Literal["transformers", "vllm"] = _f(
+        "transformers", "Rollout sampling engine: transformers' generate, or vLLM (the vllm extra; GPUs, or vLLM's "
+                        "CPU build), whose weights are synced from the trainer after each update.")
+    vllm_memory: float = _f(0.3, "rollout_backend vllm: its share of GPU memory (CPU build: of CPU memory) for weights "
+                                 "and KV cache; the trainer keeps the rest.")
     generation: GenerationConfig = _sub(GenerationConfig, "Rollout sampling.")
     optim: OptimConfig = _sub(OptimConfig, "Policy optimiser.")
 
@@ -381,6 +391,7 @@ class GRPOConfig:
         _check(self.beta >= 0, "beta", "must be >= 0")
         _check(0 < self.clip < 1, "clip", "must be in (0, 1)")
         _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(0 < self.vllm_memory < 1, "vllm_memory", f"must be in (0, 1), got {self.vllm_memory}")
 
 
 @dataclass

@@ -206,6 +206,13 @@ def train_grpo(
     is_peft = hasattr(policy, "merge_and_unload")
     sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) \
         if (low is not None or is_peft) and not is_quantized(policy) else None
+    engine_vllm = None
+    if cfg.rollout_backend == "vllm":  # vLLM samples; the trainer's weights go to it before each rollout
+        from tether.rollout.vllm import VLLMEngine
+
+        engine_vllm = VLLMEngine(policy, encoder, memory=cfg.vllm_memory, seed=seed,
+                                 dtype=str(low).removeprefix("torch.") if low is not None else None)
+        sampler = None
     loop = LoopState(order=[], first={}, last={}, steps_done=0, stopped=False)
     state = {"policy": policy, "engine": engine, "rng": RNGState(data=generator), "loop": loop}
     if logger is not None:
@@ -232,10 +239,15 @@ def train_grpo(
             sampler.sync()
         # sampling with the policy itself keeps its log-probs: the rollout-time log-probs
         # (several updates per rollout, or RLOO's KL in the reward) need no forward pass
-        rollout = generate(sampler.model if sampler is not None else policy, encoder,
-                           [prompts[i] for i in idx for _ in range(G)], cfg.generation,
-                           seed=seed * 1_000_003 + step + 7_919_993 * rank,
-                           logprobs=sampler is None and needs_old_logprobs(cfg))
+        if engine_vllm is not None:
+            engine_vllm.sync()
+            rollout = engine_vllm.generate([prompts[i] for i in idx for _ in range(G)], cfg.generation,
+                                           seed=seed * 1_000_003 + step + 7_919_993 * rank)
+        else:
+            rollout = generate(sampler.model if sampler is not None else policy, encoder,
+                               [prompts[i] for i in idx for _ in range(G)], cfg.generation,
+                               seed=seed * 1_000_003 + step + 7_919_993 * rank,
+                               logprobs=sampler is None and needs_old_logprobs(cfg))
         t_gen = time.time() - t0
 
         # 2. rewards
@@ -266,6 +278,8 @@ def train_grpo(
         if loop["stopped"]:
             break
     bar.close()
+    if engine_vllm is not None:
+        engine_vllm.close()
     out = {
         "steps": loop["steps_done"],
         "planned_steps": cfg.steps,

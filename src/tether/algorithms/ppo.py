@@ -283,6 +283,13 @@ def train_ppo(
     is_peft = hasattr(policy, "merge_and_unload")
     sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) \
         if (low is not None or is_peft) and not is_quantized(policy) else None
+    engine_vllm = None
+    if cfg.rollout_backend == "vllm":  # vLLM samples; the trainer's weights go to it before each rollout
+        from tether.rollout.vllm import VLLMEngine
+
+        engine_vllm = VLLMEngine(policy, encoder, memory=cfg.vllm_memory, seed=seed,
+                                 dtype=str(low).removeprefix("torch.") if low is not None else None)
+        sampler = None
     bar = progress_bar(cfg.steps, "ppo", unit="rollout")
     bar.update(start)
     G = cfg.samples_per_prompt
@@ -311,9 +318,14 @@ def train_ppo(
             sampler.sync()
         # sampling with the policy itself (no low-precision copy) keeps its log-probs: with a
         # separate critic, the rollout-time log-probs need no other policy forward pass
-        rollout = generate(sampler.model if sampler is not None else policy, encoder, [prompts[i] for i in idx],
-                           cfg.generation, seed=seed * 1_000_003 + step + 7_919_993 * rank,
-                           logprobs=sampler is None and not isinstance(value_model, ValueHead))
+        if engine_vllm is not None:
+            engine_vllm.sync()
+            rollout = engine_vllm.generate([prompts[i] for i in idx], cfg.generation,
+                                           seed=seed * 1_000_003 + step + 7_919_993 * rank)
+        else:
+            rollout = generate(sampler.model if sampler is not None else policy, encoder, [prompts[i] for i in idx],
+                               cfg.generation, seed=seed * 1_000_003 + step + 7_919_993 * rank,
+                               logprobs=sampler is None and not isinstance(value_model, ValueHead))
         t_gen = time.time() - t0
 
         # 2.–3. scores, log-probs, values
@@ -442,6 +454,8 @@ def train_ppo(
         if loop["stopped"]:
             break
     bar.close()
+    if engine_vllm is not None:
+        engine_vllm.close()
     out = {
         "steps": loop["steps_done"],
         "planned_steps": cfg.steps,
