@@ -19,6 +19,23 @@ from pathlib import Path
 
 import torch
 
+DEVICE, AUTOCAST = "cuda", "bfloat16"
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
+
 
 def _dpo(model_dir: str, rankings, variant: str, steps: int, batch: int) -> dict:
     from tether.algorithms.dpo import train_dpo
@@ -26,29 +43,28 @@ def _dpo(model_dir: str, rankings, variant: str, steps: int, batch: int) -> dict
     from tether.data.tokenize import Encoder
     from tether.models import autocast_context, frozen_copy, is_quantized, load_policy, load_tokenizer
 
-    mcfg = ModelConfig(name=model_dir, max_length=256, max_prompt_length=128, autocast="bfloat16", device="cuda")
+    mcfg = ModelConfig(name=model_dir, max_length=256, max_prompt_length=128, autocast=AUTOCAST, device=DEVICE)
     lora = {"full": None,
             "lora": LoRAConfig(enabled=True, r=16, alpha=32),
             "qlora-4bit": LoRAConfig(enabled=True, r=16, alpha=32, quantize="4bit", compute_dtype="bfloat16")}[variant]
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    _reset()
     policy = load_policy(model_dir, mcfg, lora)
     reference = frozen_copy(policy) if lora is None else None
     encoder = Encoder(load_tokenizer(model_dir), mcfg.max_length, mcfg.max_prompt_length)
     cfg = DPOConfig(max_steps=steps, optim=OptimConfig(lr=1e-5, batch_size=batch, micro_batch_size=batch))
-    with autocast_context("bfloat16", "cuda"):
+    with autocast_context(AUTOCAST, DEVICE):
         warm = DPOConfig(max_steps=2, optim=cfg.optim)
         train_dpo(policy, reference, encoder, rankings[: 4 * batch], warm, seed=0)  # kernels, allocator
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.time()
         out = train_dpo(policy, reference, encoder, rankings, cfg, seed=1)
-        torch.cuda.synchronize()
+        _sync()
         seconds = time.time() - t0
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     result = {"variant": variant, "steps": steps, "batch": batch, "pairs_per_s": None,
               "loop_seconds": out["seconds"], "seconds_with_reference_pass": seconds,
               "rankings_per_s": steps * batch / out["seconds"], "final_loss": out["final_loss"],
-              "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30, "trainable_params": trainable,
+              "peak_gpu_gb": _peak(), "trainable_params": trainable,
               "quantized": is_quantized(policy)}
     k = len(rankings[0].responses)
     result["pairs_per_s"] = result["rankings_per_s"] * k * (k - 1) / 2
@@ -64,9 +80,8 @@ def _grpo(model_dir: str, backend: str, steps: int, rollout: int, group: int, ne
     from tether.tasks import get_task
 
     task = get_task("instruct")
-    mcfg = ModelConfig(name=model_dir, max_length=256, max_prompt_length=128, autocast="bfloat16", device="cuda")
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    mcfg = ModelConfig(name=model_dir, max_length=256, max_prompt_length=128, autocast=AUTOCAST, device=DEVICE)
+    _reset()
     policy = load_policy(model_dir, mcfg)
     encoder = Encoder(load_tokenizer(model_dir), mcfg.max_length, mcfg.max_prompt_length)
     cfg = GRPOConfig(steps=steps, rollout_batch_size=rollout, samples_per_prompt=group, mini_batch_size=rollout,
@@ -83,10 +98,10 @@ def _grpo(model_dir: str, backend: str, steps: int, rollout: int, group: int, ne
         def log(self, step, row):
             rows.append(row)
 
-    with autocast_context("bfloat16", "cuda"):
+    with autocast_context(AUTOCAST, DEVICE):
         warm = GRPOConfig(**{**cfg.__dict__, "steps": 1})
         train_grpo(policy, frozen_copy(policy), encoder, task.train_prompts(), reward, warm, seed=0)
-        torch.cuda.synchronize()
+        _sync()
         out = train_grpo(policy, frozen_copy(policy), encoder, task.train_prompts(), reward, cfg, seed=1,
                          logger=Log())
     gen = sum(r["time/generate"] for r in rows)
@@ -98,7 +113,7 @@ def _grpo(model_dir: str, backend: str, steps: int, rollout: int, group: int, ne
                 sum(r["response/length"] for r in rows) * rollout / gen,
             "seconds": out["seconds"], "generate_seconds": gen, "train_seconds": train,
             "mean_length": sum(r["response/length"] for r in rows) / len(rows),
-            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_gpu_gb": _peak()}
 
 
 def main(argv=None) -> int:
@@ -113,11 +128,15 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--only", default="dpo,grpo")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
     args = ap.parse_args(argv)
+    global DEVICE, AUTOCAST
+    DEVICE, AUTOCAST = args.device, ("bfloat16" if args.device == "cuda" else "off")
     from tether.data.schemas import load_rankings
 
     rankings = load_rankings(args.rankings, allow_empty_responses=True)
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dpo": [], "grpo": []}
+    results = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+               "dpo": [], "grpo": []}
     try:
         import transformers
 

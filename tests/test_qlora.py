@@ -63,7 +63,7 @@ def test_qlora_dpo_trains_adapters_on_a_4bit_base_and_saves_a_full_precision_mer
         if isinstance(module, LoraLayer):
             key = name.removeprefix("base_model.model.") + ".weight"
             delta = (module.lora_B["default"].weight @ module.lora_A["default"].weight) * module.scaling["default"]
-            expect = base.state_dict()[key] + delta.detach().float()
+            expect = base.state_dict()[key] + delta.detach().float().cpu()
             assert torch.allclose(saved.state_dict()[key], expect, atol=1e-6), key
             checked += 1
     assert checked >= 7

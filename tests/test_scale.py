@@ -85,3 +85,26 @@ def test_ray_grpo_places_two_rollout_workers_and_trains(tiny_path, ray_cluster, 
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     diff = max(float((saved.state_dict()[k] - out["weights"][k]).abs().max()) for k in out["weights"])
     assert diff == 0.0
+
+
+@pytest.mark.smoke
+def test_pipeline_grpo_stage_on_ray(ray_cluster, tmp_path, monkeypatch):
+    """`ray.enabled: true`: the grpo stage of a run places its trainer and rollout workers
+    with Ray, writes its metrics and a plain checkpoint, and the eval stage measures it."""
+    import json
+
+    from tether.config import load_config
+    from tether.pipeline import run_pipeline
+
+    monkeypatch.setenv("TETHER_QUIET", "1")
+    cfg = load_config(None, preset="tiny", overrides=[
+        "policy=grpo", "reward=gold", "ray.enabled=true", "ray.rollout_workers=2", "grpo.steps=2",
+        "grpo.rollout_batch_size=16", "grpo.samples_per_prompt=4", "grpo.mini_batch_size=16",
+        "grpo.micro_batch_size=16", "sft.epochs=1", "eval.n_prompts=16", "prefs.n_prompts=400", "rm.epochs=1"])
+    summary = run_pipeline(cfg, tmp_path / "run")
+    stage = json.loads((tmp_path / "run" / "grpo" / "stage.json").read_text())
+    assert stage["steps"] == 2 and stage["rollout_workers"] == 2 and stage["sync_max_abs_diff"] == 0.0
+    assert (tmp_path / "run" / "grpo" / "checkpoint" / "config.json").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert "grpo" in summary["eval"]

@@ -551,6 +551,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class RayConfig:
+    enabled: bool = _f(False, "Run the grpo/rloo stage on Ray workers (the ray extra): a trainer and rollout "
+                              "workers in a placement group, weights to the workers after each update.")
+    address: Optional[str] = _f(None, "A running Ray cluster ('auto' or host:port); none starts a local one.")
+    rollout_workers: int = _f(1, "Rollout workers (each samples and rewards a block of each rollout's prompts).")
+    rollout_cpus: float = _f(1.0, "CPUs per rollout worker.")
+    rollout_gpus: float = _f(0.0, "GPUs per rollout worker (fractions share a GPU).")
+    trainer_cpus: float = _f(1.0, "CPUs for the trainer.")
+    trainer_gpus: float = _f(0.0, "GPUs for the trainer.")
+    strategy: Literal["PACK", "SPREAD"] = _f("PACK", "PACK: the bundles on as few nodes as possible; SPREAD: "
+                                                     "across nodes.")
+
+    def __post_init__(self) -> None:
+        _check(self.rollout_workers >= 1, "rollout_workers", "must be >= 1")
+        _check(self.rollout_cpus > 0 and self.trainer_cpus > 0, "rollout_cpus", "CPUs must be > 0")
+        _check(self.rollout_gpus >= 0 and self.trainer_gpus >= 0, "rollout_gpus", "GPUs must be >= 0")
+
+
+@dataclass
 class RunConfig:
     seed: int = _f(0, "Seed for every random choice of the run.")
     out: str = _f("", "Run directory (default: runs/<preset>).")
@@ -573,6 +592,7 @@ class RunConfig:
     report: bool = _f(True, "Write DIR/report.html at the end of the run.")
     model: ModelConfig = _sub(ModelConfig, "The policy's model.")
     lora: LoRAConfig = _sub(LoRAConfig, "LoRA adapters for every stage.")
+    ray: RayConfig = _sub(RayConfig, "Ray placement of the grpo/rloo stage's trainer and rollout workers.")
     task: TaskConfig = _sub(TaskConfig, "Built-in task (prompts, gold score, demonstrations).")
     sft: SFTConfig = _sub(SFTConfig, "Supervised fine-tuning.")
     prefs: PrefsConfig = _sub(PrefsConfig, "Preference collection.")

@@ -950,6 +950,8 @@ class Pipeline:
         cfg = self.cfg
         gcfg = getattr(cfg, name)
         seed = self._seed(8 if name == "grpo" else 9)
+        if cfg.ray.enabled:
+            return self._stage_group_rl_ray(folder, name, gcfg, seed)
         encoder = self.encoder()
         policy = load_policy(self.checkpoint("sft"), cfg.model, cfg.lora)
         reference = frozen_copy(policy) if gcfg.beta > 0 and not cfg.lora.enabled else None
@@ -962,6 +964,40 @@ class Pipeline:
         result["reward"] = cfg.reward
         logger.close()
         result["monitor"] = self.save_policy(folder, policy, monitor)
+        return result
+
+    def _stage_group_rl_ray(self, folder: Path, name: str, gcfg, seed: int) -> dict:
+        """GRPO/RLOO with the trainer and rollout workers placed by Ray (:mod:`tether.scale`).
+        The reward runs on the rollout workers: 'rm' (the run's reward model, loaded there)
+        or 'gold' (the task's checker). The monitor is not run on Ray workers."""
+        from tether.rewards import parse_reward_spec
+        from tether.scale import ModelReward, Placement, TaskReward, train_grpo_ray
+
+        cfg = self.cfg
+        if distributed.world_size() > 1:
+            raise ConfigError("ray.enabled: Ray places its own workers; run it without --nproc/torchrun")
+        terms = parse_reward_spec(cfg.reward)
+        if len(terms) != 1 or terms[0][0] != 1 or terms[0][1] not in ("rm", "gold"):
+            raise ConfigError(f"ray.enabled: reward {cfg.reward!r} is not supported on Ray workers; use 'rm' or 'gold'")
+        if terms[0][1] == "rm":
+            reward = ModelReward(self.checkpoint("rm"), cfg.model, gcfg.micro_batch_size,
+                                 penalty=cfg.rm.uncertainty_penalty)
+        else:
+            reward = TaskReward(cfg.task.name, cfg.task.n_heldout)
+        if cfg.monitor.enabled:
+            _say(f"[yellow]note: {name}: the monitor does not run on Ray workers; the eval stage still "
+                 "measures the policy[/yellow]")
+        r = cfg.ray
+        placement = Placement(rollout_workers=r.rollout_workers, rollout_cpus=r.rollout_cpus,
+                              rollout_gpus=r.rollout_gpus, trainer_cpus=r.trainer_cpus, trainer_gpus=r.trainer_gpus,
+                              strategy=r.strategy, address=r.address)
+        logger = self.logger(folder)
+        result = train_grpo_ray(self.checkpoint("sft"), cfg.model, self.train_prompts(), reward, gcfg,
+                                lora=cfg.lora, placement=placement, seed=seed, gold_fn=self.task.gold_batch,
+                                logger=logger, save_to=str(folder / "checkpoint"), name=name)
+        logger.close()
+        result.pop("weights", None)
+        result.update(reward=cfg.reward, planned_steps=gcfg.steps, advantage=gcfg.advantage, monitor={})
         return result
 
     def stage_grpo(self, folder: Path) -> dict:

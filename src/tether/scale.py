@@ -55,12 +55,12 @@ class ModelReward:
     """A reward model as a picklable reward function: the checkpoint loads in the process
     that first calls it (a rollout worker), not in the driver."""
 
-    def __init__(self, path: str, model_cfg: ModelConfig, chunk: int = 32):
-        self.path, self.model_cfg, self.chunk = path, model_cfg, chunk
+    def __init__(self, path: str, model_cfg: ModelConfig, chunk: int = 32, penalty: float = 0.0):
+        self.path, self.model_cfg, self.chunk, self.penalty = path, model_cfg, chunk, penalty
         self._model = None
 
     def __getstate__(self):
-        return {"path": self.path, "model_cfg": self.model_cfg, "chunk": self.chunk, "_model": None}
+        return {**self.__dict__, "_model": None}
 
     def __call__(self, rollout, group: int = 1) -> torch.Tensor:
         from tether.algorithms.reward import ensemble_reward, score_rollout
@@ -69,7 +69,7 @@ class ModelReward:
         if self._model is None:
             self._model = load_scalar_model(self.path, self.model_cfg, num_labels=None).to(_device())
             self._model.requires_grad_(False)
-        return ensemble_reward(score_rollout(self._model, rollout, self.chunk, group))
+        return ensemble_reward(score_rollout(self._model, rollout, self.chunk, group), self.penalty)
 
 
 class TaskReward:
@@ -116,11 +116,16 @@ class RolloutWorker:
 
         if threads:
             torch.set_num_threads(threads)
-        self.cfg = cfg
+        self.cfg, self.model_cfg = cfg, model_cfg
         self.encoder = _encoder(path, model_cfg)
-        self.model = load_policy(path, model_cfg, trainable=False).to(_device())
+        self.model = load_policy(path, model_cfg, trainable=False)
         self.reward_fn = reward_fn
         self.takes_group = len(inspect.signature(reward_fn).parameters) >= 2
+        self.engine = None
+        if cfg.rollout_backend == "vllm":  # a vLLM engine on this worker's GPU samples
+            from tether.rollout.vllm import VLLMEngine
+
+            self.engine = VLLMEngine(self.model, self.encoder, memory=cfg.vllm_memory)
 
     def rollout(self, prompts: list, seed: int, logprobs: bool):
         from tether.rollout import generate
@@ -128,13 +133,22 @@ class RolloutWorker:
         G = self.cfg.samples_per_prompt
         share = G if self.cfg.share_prompt else 1
         t0 = time.time()
-        rollout = generate(self.model, self.encoder, prompts, self.cfg.generation, seed=seed, logprobs=logprobs)
+        if self.engine is not None:  # the trainer computes the rollout-time log-probs itself
+            rollout = self.engine.generate(prompts, self.cfg.generation, seed=seed)
+        else:
+            from tether.models import autocast_context
+
+            with autocast_context(self.model_cfg.autocast, _device()):
+                rollout = generate(self.model, self.encoder, prompts, self.cfg.generation, seed=seed,
+                                   logprobs=logprobs)
         t_gen = time.time() - t0
         rewards = (self.reward_fn(rollout, share) if self.takes_group else self.reward_fn(rollout)).float().cpu()
         return rollout, rewards, t_gen
 
     def load_weights(self, state: dict) -> int:
         self.model.load_state_dict(state)
+        if self.engine is not None:
+            self.engine.sync(self.model)
         return len(state)
 
     def weights(self) -> dict:
@@ -151,8 +165,8 @@ class Trainer:
 
         if threads:
             torch.set_num_threads(threads)
-        self.cfg = cfg
-        self.policy = load_policy(path, model_cfg, lora).to(_device())
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.policy = load_policy(path, model_cfg, lora)
         self.reference = frozen_copy(self.policy) if cfg.beta > 0 and not (lora and lora.enabled) else None
         updates = cfg.steps * cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
         self.engine = Engine([p for p in self.policy.parameters() if p.requires_grad], cfg.optim, updates, name=name)
@@ -169,8 +183,11 @@ class Trainer:
     def update(self, rollout, rewards: torch.Tensor) -> dict:
         from tether.algorithms.grpo import grpo_update
 
+        from tether.models import autocast_context
+
         t0 = time.time()
-        row = grpo_update(self.policy, self.reference, self.engine, rollout, rewards, self.cfg, self.generator)
+        with autocast_context(self.model_cfg.autocast, _device()):
+            row = grpo_update(self.policy, self.reference, self.engine, rollout, rewards, self.cfg, self.generator)
         row["time/train"] = time.time() - t0
         return row
 
