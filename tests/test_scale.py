@@ -14,7 +14,7 @@ from tether.config import GenerationConfig, GRPOConfig, ModelConfig, OptimConfig
 
 ray = pytest.importorskip("ray")
 
-MODEL = ModelConfig(max_length=64, max_prompt_length=32)
+MODEL = ModelConfig(max_length=64, max_prompt_length=32, autocast="off")  # fp32 on both sides
 
 
 def _cfg(**kw) -> GRPOConfig:

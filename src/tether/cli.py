@@ -22,7 +22,7 @@ import time
 
 __all__ = ["main"]
 
-STAGE_COMMANDS = ("sft", "prefs", "rm", "ppo", "dpo", "grpo", "rloo", "eval")
+STAGE_COMMANDS = ("sft", "prefs", "rm", "prm", "ppo", "dpo", "grpo", "rloo", "eval")
 
 
 def stages_for(command: str, cfg) -> list[str]:
@@ -30,6 +30,8 @@ def stages_for(command: str, cfg) -> list[str]:
     if command in ("sft", "prefs", "rm"):
         chain = ["data", "sft", "prefs", "rm"]
         return chain[: chain.index(command) + 1]
+    if command == "prm":
+        return ["data", "sft", "prm"]
     plan = cfg.stage_list()
     return plan if command == "eval" else plan[: plan.index(command) + 1]
 

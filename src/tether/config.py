@@ -405,8 +405,34 @@ class RLOOConfig(GRPOConfig):
     beta: float = _f(0.05, "Weight of the KL to the reference (0 = no reference at all).")
 
 
+@dataclass
+class PRMConfig:
+    path: Optional[str] = _f(None, "JSONL of step-labelled solutions ({prompt, steps, labels}); default: the SFT "
+                                   "policy's samples on training prompts, labelled by the task's step checker.")
+    separator: Optional[str] = _f(None, "What joins the steps into a response (default: the task's, else a newline).")
+    n_prompts: int = _f(1000, "Training prompts whose samples the PRM learns from.")
+    samples_per_prompt: int = _f(4, "Samples per training prompt.")
+    epochs: float = _f(2.0, "Passes over the step-labelled solutions.")
+    max_steps: int = _f(0, "Optimiser steps (0 = from epochs).")
+    aggregate: Literal["min", "prod"] = _f("min", "A solution's score from its steps' probabilities: the weakest "
+                                                  "step or their product.")
+    outcome_baseline: bool = _f(True, "Also train an outcome reward model (one label per solution: is the final "
+                                      "answer right) on the same samples, and compare best-of-N with it.")
+    best_of: int = _f(8, "N of the best-of-N evaluation on held-out prompts (0 = none).")
+    heldout_prompts: int = _f(200, "Held-out prompts of the best-of-N evaluation and the held-out step accuracy.")
+    generation: GenerationConfig = _sub(GenerationConfig, "Sampling the solutions.")
+    optim: OptimConfig = _sub(OptimConfig, "PRM (and ORM) optimiser.")
+
+    def __post_init__(self) -> None:
+        _check(self.n_prompts > 0, "n_prompts", "must be > 0")
+        _check(self.samples_per_prompt > 0, "samples_per_prompt", "must be > 0")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.best_of >= 0, "best_of", "must be >= 0")
+        _check(self.heldout_prompts > 1, "heldout_prompts", "must be > 1")
+
+
 POLICIES = ("ppo", "dpo", "grpo", "rloo")
-STAGES = ("data", "sft", "prefs", "rm", *POLICIES, "eval")
+STAGES = ("data", "sft", "prefs", "rm", "prm", *POLICIES, "eval")
 
 
 @dataclass
@@ -593,6 +619,7 @@ class RunConfig:
     model: ModelConfig = _sub(ModelConfig, "The policy's model.")
     lora: LoRAConfig = _sub(LoRAConfig, "LoRA adapters for every stage.")
     ray: RayConfig = _sub(RayConfig, "Ray placement of the grpo/rloo stage's trainer and rollout workers.")
+    prm: PRMConfig = _sub(PRMConfig, "Process reward model: a score per reasoning step (tasks with step labels).")
     task: TaskConfig = _sub(TaskConfig, "Built-in task (prompts, gold score, demonstrations).")
     sft: SFTConfig = _sub(SFTConfig, "Supervised fine-tuning.")
     prefs: PrefsConfig = _sub(PrefsConfig, "Preference collection.")
@@ -644,10 +671,13 @@ class RunConfig:
             return list(self.stages)
         from tether.rewards import parse_reward_spec
 
+        names = {name for _, name in parse_reward_spec(self.reward)}
         if self.policy == "dpo":
             middle = ["prefs"]
         else:
-            middle = ["prefs", "rm"] if any(name == "rm" for _, name in parse_reward_spec(self.reward)) else []
+            middle = ["prefs", "rm"] if "rm" in names else []
+        if "prm" in names and self.policy != "dpo":
+            middle.append("prm")
         return ["data", "sft", *middle, self.policy, "eval"]
 
     def eval_policies(self) -> list[str]:

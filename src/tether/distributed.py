@@ -53,10 +53,16 @@ def is_main() -> bool:
 
 def device_for_rank(requested: str = "auto") -> torch.device:
     """``auto``: this process's GPU (``cuda:LOCAL_RANK``) when CUDA is there, else the CPU."""
-    if requested == "auto":
-        return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
-    if requested == "cuda" and torch.cuda.is_available():
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        if local_rank() >= torch.cuda.device_count():
+            from tether.config import ConfigError
+
+            raise ConfigError(f"model.device: process {local_rank()} of this machine has no GPU of its own "
+                              f"({torch.cuda.device_count()} visible); start at most one process per GPU, or set "
+                              "model.device cpu")
         return torch.device(f"cuda:{local_rank()}")
+    if requested == "auto":
+        return torch.device("cpu")
     return torch.device(requested)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tether.ops import masked_mean, token_logprobs
 
 __all__ = [
+    "step_bce_loss",
     "sft_loss",
     "bradley_terry_loss",
     "ranking_pairwise_loss",
@@ -51,6 +52,25 @@ def sft_loss(
     total = (nll * mask).sum()
     denom = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
     return total / denom
+
+
+def step_bce_loss(step_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                  normalizer: float | None = None) -> torch.Tensor:
+    """Binary cross-entropy of a process reward model's step logits (Lightman et al. 2023).
+
+    Args:
+        step_logits: [B, S] the head's value at each step's last token.
+        labels: [B, S] 1 for a right step, 0 for a wrong one, or a probability (soft label).
+        mask: [B, S] which steps exist.
+        normalizer: divide the summed loss by this (the labelled steps of the whole optimiser
+            batch, so that micro-batches add up); default: the steps in ``mask``.
+
+    Returns the mean over steps of −[y·log σ(z) + (1 − y)·log(1 − σ(z))].
+    """
+    per_step = torch.nn.functional.binary_cross_entropy_with_logits(step_logits, labels.to(step_logits.dtype),
+                                                                    reduction="none")
+    total = (per_step * mask).sum()
+    return total / (normalizer if normalizer is not None else mask.sum().clamp(min=1))
 
 
 def bradley_terry_loss(

@@ -37,9 +37,9 @@ __all__ = ["Pipeline", "run_pipeline", "STAGES", "TRAINING_STAGES"]
 
 #: stages with optimiser steps, which save resumable checkpoints as they go (the others are
 #: deterministic and start again when cut off; eval keeps each policy's finished evaluation)
-TRAINING_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")
+TRAINING_STAGES = ("sft", "rm", "prm", "ppo", "dpo", "grpo", "rloo")
 #: the config sections each training stage trains with (besides seed, model, lora, task)
-STAGE_SECTIONS = {"sft": ["sft"], "rm": ["rm"], "ppo": ["ppo", "monitor", "rm"], "dpo": ["dpo", "monitor"],
+STAGE_SECTIONS = {"sft": ["sft"], "rm": ["rm"], "prm": ["prm"], "ppo": ["ppo", "monitor", "rm"], "dpo": ["dpo", "monitor"],
                   "grpo": ["grpo", "monitor", "rm"], "rloo": ["rloo", "monitor", "rm"]}
 #: the stages whose results each training stage reads
 STAGE_INPUTS = {"sft": ["data"], "rm": ["data", "sft", "prefs"], "dpo": ["data", "sft", "prefs"],
@@ -789,6 +789,121 @@ class Pipeline:
         logger.close()
         save_checkpoint(model, encoder.tokenizer, folder / "checkpoint")
         return result
+
+    def prm_separator(self) -> str:
+        return self.cfg.prm.separator or getattr(self.task, "separator", "\n")
+
+    def stage_prm(self, folder: Path) -> dict:
+        """A process reward model (and, to compare, an outcome reward model) on the SFT
+        policy's solutions, labelled step by step by the task's checker (or read from
+        ``prm.path``); then best-of-N on held-out prompts with each."""
+        import dataclasses
+
+        from tether.algorithms.prm import outcome_examples, train_prm
+        from tether.data.schemas import StepExample, load_step_examples, step_example_record
+        from tether.models import load_scalar_model, save_checkpoint
+
+        cfg, pc = self.cfg, self.cfg.prm
+        seed = self._seed(10)
+        sep = self.prm_separator()
+        pcfg = dataclasses.replace(pc, separator=sep)
+        encoder = self.encoder()
+        checks = hasattr(self.task, "step_labels")
+        outcomes = None
+        if pc.path:
+            examples = load_step_examples(pc.path, separator=sep)
+            source = pc.path
+        else:
+            if not checks:
+                raise ConfigError(f"prm: task '{self.task.name}' has no step checker; give prm.path (JSONL of "
+                                  "{prompt, steps, labels})")
+            policy = self.frozen_policy(self.checkpoint("sft"))
+            rng = random.Random(seed)
+            train = self.train_prompts()
+            prompts = rng.sample(train, min(pc.n_prompts, len(train)))
+            rollout = self.generate(policy, [p for p in prompts for _ in range(pc.samples_per_prompt)],
+                                    pc.generation, seed, "PRM samples")
+            examples, outcomes = [], []
+            for p, text, gold in zip(rollout.prompts, rollout.texts, self.task.gold_batch(rollout.prompts, rollout.texts)):
+                steps = self.task.split_steps(text)
+                if steps:  # an empty answer has no step to label
+                    examples.append(StepExample(p, steps, [float(v) for v in self.task.step_labels(p, steps)], sep))
+                    outcomes.append(float(gold))
+            if distributed.is_main():
+                write_jsonl(folder / "steps.jsonl", [step_example_record(ex, gold=g) for ex, g in zip(examples, outcomes)])
+            source = f"{len(rollout)} samples of the SFT policy, labelled by task:{self.task.name}"
+        labelled = [v for ex in examples for v in ex.labels]
+        result = {"source": source, "solutions": len(examples), "steps_labelled": len(labelled),
+                  "share_right": sum(v > 0.5 for v in labelled) / max(len(labelled), 1)}
+        if outcomes is not None:
+            result["share_final_right"] = sum(outcomes) / max(len(outcomes), 1)
+        model = load_scalar_model(self.checkpoint("sft"), cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
+        logger = self.logger(folder)
+        result["prm"] = train_prm(model, encoder, examples, pcfg, seed=seed, logger=logger,
+                                  checkpointer=self._checkpointer)
+        orm = None
+        if pc.outcome_baseline and outcomes is not None:
+            orm = load_scalar_model(self.checkpoint("sft"), cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
+            result["orm"] = train_prm(orm, encoder, outcome_examples(examples, outcomes), pcfg, seed=seed,
+                                      logger=logger, name="orm")
+        if not distributed.is_main():
+            return result
+        save_checkpoint(model, encoder.tokenizer, folder / "checkpoint")
+        if orm is not None:
+            save_checkpoint(orm, encoder.tokenizer, folder / "orm")
+        if checks and pc.best_of:
+            result["heldout"] = self._prm_best_of_n(folder, model, orm, encoder, seed + 1)
+            h = result["heldout"]
+            logger.log(result["prm"]["steps"], {"prm/heldout_step_accuracy": h["step_accuracy"],
+                                                **{f"best_of_{pc.best_of}/{k}": v["accuracy"]
+                                                   for k, v in h["best_of_n"].items()}})
+        logger.close()
+        return result
+
+    def _prm_best_of_n(self, folder: Path, prm, orm, encoder, seed: int) -> dict:
+        """Held-out step accuracy of the PRM, and best-of-N final-answer accuracy when the
+        PRM (min and product of its steps), the ORM, chance or an oracle picks."""
+        from tether.algorithms.prm import aggregate_steps, best_of_n, score_steps
+        from tether.evaluate import mean_stderr
+
+        pc, sep, n = self.cfg.prm, self.prm_separator(), self.cfg.prm.best_of
+        prompts = self.task.heldout_prompts()[: pc.heldout_prompts]
+        policy = self.frozen_policy(self.checkpoint("sft"))
+        rollout = self.generate(policy, [p for p in prompts for _ in range(n)], pc.generation, seed, "best-of-N samples")
+        gold = torch.tensor(self.task.gold_batch(rollout.prompts, rollout.texts)).view(len(prompts), n)
+        steps = [self.task.split_steps(t) for t in rollout.texts]
+        probs = score_steps(prm, encoder, rollout.prompts, steps, sep)
+        right = total = 0
+        for p, s, pr in zip(rollout.prompts, steps, probs):
+            labels = self.task.step_labels(p, s)[: len(pr)]
+            right += sum(int((q > 0.5) == bool(v)) for q, v in zip(pr.tolist(), labels))
+            total += len(labels)
+        share_right = sum(sum(self.task.step_labels(p, s)) for p, s in zip(rollout.prompts, steps)) / max(
+            sum(len(s) for s in steps), 1)
+        picks = {f"prm_{how}": torch.tensor([aggregate_steps(pr, how) for pr in probs]).view(len(prompts), n)
+                 for how in ("min", "prod")}
+        if orm is not None:
+            whole = [[sep.join(s)] if s else [] for s in steps]
+            outcome = score_steps(orm, encoder, rollout.prompts, [w or [""] for w in whole], sep)
+            picks["orm"] = torch.tensor([float(o[-1]) if w and o.numel() else 0.0
+                                         for o, w in zip(outcome, whole)]).view(len(prompts), n)
+        results = {k: best_of_n(v, gold) for k, v in picks.items()}
+        chance = gold.double().mean(dim=1).tolist()
+        oracle = gold.double().amax(dim=1).tolist()
+        for name, values in (("chance", chance), ("oracle", oracle)):
+            mean, se = mean_stderr(values)
+            results[name] = {"accuracy": mean, "stderr": se, "prompts": len(prompts), "per_prompt": values}
+        out = {"prompts": len(prompts), "n": n, "step_accuracy": right / max(total, 1), "steps": total,
+               "share_right_steps": share_right}
+        if "orm" in results:
+            diff = [a - b for a, b in zip(results[f"prm_{pc.aggregate}"]["per_prompt"], results["orm"]["per_prompt"])]
+            mean, se = mean_stderr(diff)
+            out["prm_minus_orm"] = {"mean": mean, "stderr": se, "aggregate": pc.aggregate}
+        write_jsonl(folder / "best_of_n.jsonl", [
+            {"prompt": p, "response": t, "gold": float(g), **{k: float(v.view(-1)[i]) for k, v in picks.items()}}
+            for i, (p, t, g) in enumerate(zip(rollout.prompts, rollout.texts, gold.view(-1).tolist()))])
+        out["best_of_n"] = {k: {kk: vv for kk, vv in v.items() if kk != "per_prompt"} for k, v in results.items()}
+        return out
 
     def stage_ppo(self, folder: Path) -> dict:
         from tether.algorithms.ppo import train_ppo

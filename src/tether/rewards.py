@@ -37,8 +37,8 @@ def parse_reward_spec(spec: str) -> list[tuple[float, str]]:
         if m is None:
             raise ValueError(f"cannot read the term {sign}{body!r} of reward {spec!r}; write e.g. '0.5*gold + rm'")
         name = m["name"]
-        if name not in ("rm", "gold") and ":" not in name:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}: use 'rm', 'gold' or 'module:function'")
+        if name not in ("rm", "gold", "prm") and ":" not in name:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}: use 'rm', 'prm', 'gold' or 'module:function'")
         weight = float(m["w"]) if m["w"] else 1.0
         terms.append((-weight if sign == "-" else weight, name))
     if not terms:

@@ -39,10 +39,12 @@ class ZooEntry:
     build: Callable[[Path], None]
 
 
-def build_tiny_model(dest: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> None:
+def build_tiny_model(dest: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
+                     words: tuple[str, ...] | None = None) -> None:
     """A 2-layer Llama with random weights and a word-level tokenizer made offline.
 
-    The vocabulary covers the chat template and every word of the built-in ``tiny`` task.
+    The vocabulary covers the chat template and ``words`` (default: every word of the
+    built-in ``tiny`` task).
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -50,7 +52,8 @@ def build_tiny_model(dest: Path, *, seed: int = 0, hidden_size: int = 64, layers
 
     from tether.tasks.tiny import TinyTask
 
-    words = ["user", "assistant", "system"] + [w for w in TinyTask.vocabulary if w not in ("user", "assistant", "system")]
+    words = ["user", "assistant", "system"] + [w for w in (words or TinyTask.vocabulary)
+                                               if w not in ("user", "assistant", "system")]
     vocab: dict[str, int] = {}
     for token in (*TINY_SPECIAL, *words):
         vocab.setdefault(token, len(vocab))
@@ -158,7 +161,18 @@ ZOO: dict[str, ZooEntry] = {
         "2-layer Llama (hidden 64), random weights, word-level tokenizer for the tiny task; built offline.",
         build_tiny_model,
     ),
+    "tiny-arith": ZooEntry(
+        "tiny-arith",
+        "2-layer Llama (hidden 128), random weights, word-level tokenizer for the arith task; built offline.",
+        lambda dest: _build_tiny_arith(dest),
+    ),
 }
+
+
+def _build_tiny_arith(dest: Path) -> None:
+    from tether.tasks.arith import ArithTask
+
+    build_tiny_model(dest, hidden_size=128, layers=2, words=ArithTask.vocabulary, seed=0)
 
 
 def list_zoo() -> list[ZooEntry]:
@@ -188,15 +202,18 @@ def pull(name: str, *, force: bool = False) -> Path:
     dest = _zoo_dir(name)
     if (dest / "tether_zoo.json").is_file() and not force:
         return dest
-    import fcntl
-
     from tether.data.io import atomic_directory
 
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent first pulls may build twice
+        fcntl = None
     # processes that pull at once (data-parallel ranks, parallel test workers) build it once:
     # the first holds the lock and builds; the others then find it built
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if (dest / "tether_zoo.json").is_file() and not force:
                 return dest
@@ -204,7 +221,8 @@ def pull(name: str, *, force: bool = False) -> Path:
                 ZOO[name].build(tmp)
                 (tmp / "tether_zoo.json").write_text(json.dumps({"name": name}) + "\n")
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
     return dest
 
 

@@ -140,6 +140,66 @@ class Ranking:
         return self.tiers is not None and self.tiers[i] == self.tiers[j]
 
 
+@dataclass
+class StepExample:
+    """A solution as reasoning steps, each labelled (1 right, 0 wrong, or a probability in
+    between): a process reward model's training example."""
+
+    prompt: Prompt
+    steps: list[str]
+    labels: list[float]
+    #: what joins the steps into the response text the model reads
+    separator: str = "\n"
+
+    def separator_join(self) -> str:
+        return self.separator.join(self.steps)
+
+
+def parse_step_example(record: dict, path="<record>", line: int | None = None, *,
+                       separator: str = "\n") -> StepExample:
+    """``{"prompt", "steps": [str, ...], "labels": [0/1 or a probability, ...]}``; a record
+    may give its own ``separator``."""
+    prompt = _prompt(record, path, line)
+    steps = record.get("steps")
+    if steps is None:
+        raise DataError(path, line, "missing", field="steps")
+    if not isinstance(steps, list) or not steps:
+        raise DataError(path, line, f"must be a non-empty list of strings, got {short_repr(steps)}", field="steps")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            raise DataError(path, line, f"must be a non-empty string, got {short_repr(step)}", field=f"steps[{i}]")
+    labels = record.get("labels")
+    if labels is None:
+        raise DataError(path, line, "missing", field="labels")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise DataError(path, line, f"must be a list with one label per step ({len(steps)}), got {short_repr(labels)}",
+                        field="labels")
+    values = []
+    for i, v in enumerate(labels):
+        if isinstance(v, bool):
+            v = int(v)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+            raise DataError(path, line, f"must be 0, 1 or a probability in between, got {short_repr(v)}",
+                            field=f"labels[{i}]")
+        values.append(float(v))
+    sep = record.get("separator", separator)
+    if not isinstance(sep, str) or not sep:
+        raise DataError(path, line, f"must be a non-empty string, got {short_repr(sep)}", field="separator")
+    return StepExample(prompt=prompt, steps=list(steps), labels=values, separator=sep)
+
+
+def load_step_examples(source: str | Path, *, separator: str = "\n") -> list[StepExample]:
+    """Step-labelled solutions from a JSONL file or a Hugging Face dataset."""
+    examples = [parse_step_example(rec, where, line, separator=separator) for where, line, rec in iter_records(source)]
+    if not examples:
+        raise DataError(source, None, "no step-labelled solutions in file")
+    return examples
+
+
+def step_example_record(ex: StepExample, **extra) -> dict:
+    return {"prompt": ex.prompt, "steps": ex.steps, "labels": ex.labels, "separator": ex.separator, **extra}
+
+
 def _text(record: dict, key: str, path, line, *, allow_empty: bool = False) -> str:
     if key not in record:
         raise DataError(path, line, "missing", field=key)

@@ -61,7 +61,7 @@ def list_tasks() -> list[str]:
 
 def _load_builtin() -> None:
     # Importing registers the built-in tasks.
-    from tether.tasks import instruct, tiny  # noqa: F401
+    from tether.tasks import arith, instruct, tiny  # noqa: F401
 
 
 def get_task(name: str, **options) -> Task:
