@@ -171,3 +171,88 @@ def test_prm_stage_trains_prm_and_orm_and_runs_best_of_n(tmp_path):
     assert (tmp_path / "run" / "prm" / "orm" / "config.json").is_file()
     (first, *_) = load_step_examples(tmp_path / "run" / "prm" / "steps.jsonl")
     assert first.separator == " ; "
+
+
+# ----------------------------------------------------------------------------- dense rewards
+
+
+def test_process_advantages_against_hand_values_and_a_loop():
+    from tether.advantages import process_advantages
+
+    # 2 groups of 2 rows, 4 positions; steps end where the mask is True
+    r = torch.tensor([[0.0, 0.9, 0.0, 0.2], [0.5, 0.0, 0.0, 0.0],
+                      [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    m = torch.tensor([[False, True, False, True], [True, False, False, False],
+                      [False, True, False, False], [False, False, False, True]])
+    out = process_advantages(r, m, group=2, eps=0.0)
+    # group 1: steps 0.9, 0.2, 0.5: mean 0.5333, sample std 0.35119
+    mean, std = (0.9 + 0.2 + 0.5) / 3, math.sqrt(((0.9 - 1.6 / 3) ** 2 + (0.2 - 1.6 / 3) ** 2 + (0.5 - 1.6 / 3) ** 2) / 2)
+    n = [(0.9 - mean) / std, (0.2 - mean) / std, (0.5 - mean) / std]
+    assert out[0].tolist() == pytest.approx([n[0] + n[1], n[0] + n[1], n[1], n[1]], abs=1e-12)
+    assert out[1].tolist() == pytest.approx([n[2], 0.0, 0.0, 0.0], abs=1e-12)
+    # group 2: two steps 1.0 and 1.0: no spread, every advantage 0
+    assert out[2:].abs().max() == 0
+    # a naive loop on random data
+    torch.manual_seed(0)
+    r = torch.rand(6, 5, dtype=torch.float64)
+    m = torch.rand(6, 5) > 0.5
+    out = process_advantages(r * m, m, group=3, eps=1e-4)
+    for g in range(2):
+        rows = range(3 * g, 3 * g + 3)
+        vals = [float(r[i, t]) for i in rows for t in range(5) if m[i, t]]
+        mu = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / max(len(vals) - 1, 1))
+        for i in rows:
+            for t in range(5):
+                want = sum((float(r[i, u]) - mu) / (sd + 1e-4) for u in range(t, 5) if m[i, u])
+                assert float(out[i, t]) == pytest.approx(want, abs=1e-10)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_dense_prm_rewards_reach_the_update(arith_model, algo):
+    """Step rewards at each step's last token: GRPO turns them into process advantages, PPO
+    adds them to the per-token rewards; both train and log the mean step reward."""
+    from tether.algorithms.prm import rollout_step_rewards
+    from tether.config import GenerationConfig, GRPOConfig, PPOConfig
+    from tether.data.tokenize import Encoder
+    from tether.models import frozen_copy, load_policy, load_scalar_model, load_tokenizer
+
+    enc = Encoder(load_tokenizer(arith_model), MODEL.max_length, MODEL.max_prompt_length)
+    policy = load_policy(arith_model, MODEL)
+    prm = load_scalar_model(arith_model, MODEL, pad_token_id=enc.pad_id)
+    task = ArithTask(n_heldout=10, n_train=64)
+    seen = []
+
+    def step_fn(rollout):
+        out = rollout_step_rewards(prm, enc, rollout, task.split_steps, " ; ")
+        seen.append(out)
+        return out
+
+    rows = []
+
+    class Log:
+        def log(self, step, row):
+            rows.append(row)
+
+    gen = GenerationConfig(max_new_tokens=12)
+    zero = lambda rollout: torch.zeros(len(rollout))  # noqa: E731  only the dense rewards
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    if algo == "grpo":
+        from tether.algorithms.grpo import train_grpo
+
+        cfg = GRPOConfig(steps=2, rollout_batch_size=8, samples_per_prompt=4, mini_batch_size=8, micro_batch_size=8,
+                         generation=gen, optim=OptimConfig(lr=1e-3))
+        train_grpo(policy, frozen_copy(policy), enc, task.train_prompts(), zero, cfg, seed=0, logger=Log(),
+                   step_reward_fn=step_fn)
+    else:
+        from tether.algorithms.ppo import ValueHead, train_ppo
+
+        cfg = PPOConfig(steps=2, rollout_batch_size=8, mini_batch_size=4, micro_batch_size=4, epochs=1,
+                        generation=gen, optim=OptimConfig(lr=1e-3))
+        train_ppo(policy, ValueHead(policy.config.hidden_size), frozen_copy(policy), enc, task.train_prompts(),
+                  zero, cfg, seed=0, logger=Log(), step_reward_fn=step_fn)
+    rewards, mask, probs = seen[0]
+    assert rewards.shape == mask.shape and int(mask.sum()) == sum(len(p) for p in probs) > 0
+    assert all("reward/step" in row for row in rows)
+    assert rows[0]["reward/step"] == pytest.approx(float(rewards[mask].mean()), abs=1e-6)
+    assert max(float((policy.state_dict()[k] - before[k]).abs().max()) for k in before) > 1e-5

@@ -13,6 +13,7 @@ import torch
 from tether.ops import last_true_index
 
 __all__ = [
+    "process_advantages",
     "gae",
     "kl_k1",
     "kl_k2",
@@ -208,3 +209,32 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
+
+
+def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group: int,
+                       eps: float = 1e-4) -> torch.Tensor:
+    """Token advantages from per-step rewards (process supervision, Shao et al. 2024 §4.1.3).
+
+    Every step reward is normalised by the mean and standard deviation of all the step
+    rewards of its group (the G samples of one prompt); a token's advantage is the sum of
+    the normalised rewards of the steps that end at or after it.
+
+    Args:
+        step_rewards: [B, T] each step's reward at the position of its last token, 0 elsewhere.
+        step_mask: [B, T] True where a step ends.
+        group: G, the adjacent rows that share a prompt (B divisible by G).
+
+    Returns [B, T] advantages (0 after a row's last step).
+    """
+    B, T = step_rewards.shape
+    if group < 1 or B % group:
+        raise ValueError(f"{B} rows do not split into groups of {group}")
+    r = step_rewards.reshape(B // group, group * T)
+    m = step_mask.reshape(B // group, group * T).to(r.dtype)
+    n = m.sum(dim=1, keepdim=True)
+    mean = (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    var = (((r - mean) ** 2) * m).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+    scale = var.sqrt() + eps
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # no spread: every r − mean is 0
+    normalised = ((r - mean) / scale * m).reshape(B, T)
+    return normalised.flip(1).cumsum(1).flip(1)

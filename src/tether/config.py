@@ -412,10 +412,15 @@ class PRMConfig:
     separator: Optional[str] = _f(None, "What joins the steps into a response (default: the task's, else a newline).")
     n_prompts: int = _f(1000, "Training prompts whose samples the PRM learns from.")
     samples_per_prompt: int = _f(4, "Samples per training prompt.")
+    sample_temperature: Optional[float] = _f(None, "Temperature of the training samples (default: "
+                                                   "generation.temperature); hotter samples hold more wrong steps "
+                                                   "to learn from.")
     epochs: float = _f(2.0, "Passes over the step-labelled solutions.")
     max_steps: int = _f(0, "Optimiser steps (0 = from epochs).")
     aggregate: Literal["min", "prod"] = _f("min", "A solution's score from its steps' probabilities: the weakest "
                                                   "step or their product.")
+    dense: bool = _f(True, "With reward 'prm': PPO/GRPO/RLOO get each step's probability at its last token "
+                           "(process supervision; GRPO's process advantages) instead of one aggregated score.")
     outcome_baseline: bool = _f(True, "Also train an outcome reward model (one label per solution: is the final "
                                       "answer right) on the same samples, and compare best-of-N with it.")
     best_of: int = _f(8, "N of the best-of-N evaluation on held-out prompts (0 = none).")

@@ -39,12 +39,13 @@ __all__ = ["Pipeline", "run_pipeline", "STAGES", "TRAINING_STAGES"]
 #: deterministic and start again when cut off; eval keeps each policy's finished evaluation)
 TRAINING_STAGES = ("sft", "rm", "prm", "ppo", "dpo", "grpo", "rloo")
 #: the config sections each training stage trains with (besides seed, model, lora, task)
-STAGE_SECTIONS = {"sft": ["sft"], "rm": ["rm"], "prm": ["prm"], "ppo": ["ppo", "monitor", "rm"], "dpo": ["dpo", "monitor"],
-                  "grpo": ["grpo", "monitor", "rm"], "rloo": ["rloo", "monitor", "rm"]}
+STAGE_SECTIONS = {"sft": ["sft"], "rm": ["rm"], "prm": ["prm"], "ppo": ["ppo", "monitor", "rm", "prm"],
+                  "dpo": ["dpo", "monitor"], "grpo": ["grpo", "monitor", "rm", "prm"],
+                  "rloo": ["rloo", "monitor", "rm", "prm"]}
 #: the stages whose results each training stage reads
-STAGE_INPUTS = {"sft": ["data"], "rm": ["data", "sft", "prefs"], "dpo": ["data", "sft", "prefs"],
-                "ppo": ["data", "sft", "prefs", "rm"], "grpo": ["data", "sft", "prefs", "rm"],
-                "rloo": ["data", "sft", "prefs", "rm"]}
+STAGE_INPUTS = {"sft": ["data"], "rm": ["data", "sft", "prefs"], "prm": ["data", "sft"],
+                "dpo": ["data", "sft", "prefs"], "ppo": ["data", "sft", "prefs", "rm", "prm"],
+                "grpo": ["data", "sft", "prefs", "rm", "prm"], "rloo": ["data", "sft", "prefs", "rm", "prm"]}
 
 
 
@@ -76,6 +77,7 @@ class Pipeline:
         self.task = get_task(cfg.task.name, n_heldout=cfg.task.n_heldout)
         self._tokenizer = None
         self._rm = None  # the reward model reward_fn loaded (the monitor reads its heads)
+        self._prm = None  # the process reward model a 'prm' reward loaded
         self._rm_cache = None  # (rollout, its scores): the last rollout the reward model scored
         # flywheel rounds (tether.flywheel) set these; a plain run leaves them alone
         self.sampler: str | None = None  # the checkpoint whose samples are labelled (default: SFT)
@@ -821,8 +823,10 @@ class Pipeline:
             rng = random.Random(seed)
             train = self.train_prompts()
             prompts = rng.sample(train, min(pc.n_prompts, len(train)))
+            gen = pc.generation if pc.sample_temperature is None else \
+                dataclasses.replace(pc.generation, temperature=pc.sample_temperature)
             rollout = self.generate(policy, [p for p in prompts for _ in range(pc.samples_per_prompt)],
-                                    pc.generation, seed, "PRM samples")
+                                    gen, seed, "PRM samples")
             examples, outcomes = [], []
             for p, text, gold in zip(rollout.prompts, rollout.texts, self.task.gold_batch(rollout.prompts, rollout.texts)):
                 steps = self.task.split_steps(text)
@@ -928,29 +932,75 @@ class Pipeline:
             value_from = self.checkpoint("rm") if cfg.ppo.value_init == "rm" else self.checkpoint("sft")
             value_model = load_scalar_model(value_from, cfg.model, cfg.lora, pad_token_id=encoder.pad_id)
 
-        score_fn = self.reward_fn(cfg.ppo.micro_batch_size)
+        step_fn = self.step_reward_fn(cfg.ppo.micro_batch_size)
+        score_fn = self.reward_fn(cfg.ppo.micro_batch_size, dense=step_fn is not None)
         logger = self.logger(folder)
-        monitor = self.make_monitor("ppo", policy, reference, cfg.ppo.steps, logger, proxy_fn=score_fn)
+        monitor = self.make_monitor("ppo", policy, reference, cfg.ppo.steps, logger,
+                                    proxy_fn=self.reward_fn(cfg.ppo.micro_batch_size))
         result = train_ppo(policy, value_model, reference, encoder, self.train_prompts(), score_fn, cfg.ppo,
                            seed=seed, gold_fn=self.task.gold_batch, logger=logger, monitor=monitor,
-                           checkpointer=self._checkpointer)
+                           checkpointer=self._checkpointer, step_reward_fn=step_fn)
         logger.close()
         result["monitor"] = self.save_policy(folder, policy, monitor)
         return result
 
-    def reward_fn(self, chunk: int):
-        """The run's ``reward`` spec as one function ``(rollout, group) -> [B]``."""
-        return self.score_spec(self.cfg.reward, chunk)
+    def reward_fn(self, chunk: int, dense: bool = False):
+        """The run's ``reward`` spec as one function ``(rollout, group) -> [B]`` (``dense``:
+        without its 'prm' term, which :meth:`step_reward_fn` gives per step)."""
+        return self.score_spec(self.cfg.reward, chunk, skip_prm=dense)
 
-    def score_spec(self, spec: str, chunk: int):
-        """A reward spec ('rm', 'gold', 'module:function', weighted sums) as one function
+    def _prm_model(self):
+        if self._prm is None:
+            from tether.models import load_scalar_model
+
+            self._prm = load_scalar_model(self.checkpoint("prm"), self.cfg.model, pad_token_id=self.encoder().pad_id)
+            self._prm.requires_grad_(False)
+        return self._prm
+
+    def _split_steps(self):
+        sep = self.prm_separator()
+        return getattr(self.task, "split_steps", None) or (lambda text: [x for x in text.split(sep) if x.strip()])
+
+    def step_reward_fn(self, chunk: int):
+        """The 'prm' term of the reward spec as dense per-step rewards ``(rollout) -> (rewards
+        [B, R], step mask [B, R], probabilities)``, weighted; None when the spec has none or
+        ``prm.dense`` is off."""
+        from tether.algorithms.prm import rollout_step_rewards
+        from tether.rewards import parse_reward_spec
+
+        weight = sum(w for w, name in parse_reward_spec(self.cfg.reward) if name == "prm")
+        if not weight or not self.cfg.prm.dense:
+            return None
+        split, sep = self._split_steps(), self.prm_separator()
+
+        def fn(rollout):
+            rewards, mask, probs = rollout_step_rewards(self._prm_model(), self.encoder(), rollout, split, sep, chunk)
+            return weight * rewards, mask, probs
+
+        return fn
+
+    def score_spec(self, spec: str, chunk: int, skip_prm: bool = False):
+        """A reward spec ('rm', 'prm', 'gold', 'module:function', weighted sums) as one function
         ``(rollout, group) -> [B]``. 'rm' is the run's reward model; an ensemble gives the
-        mean of its heads minus ``rm.uncertainty_penalty`` × their std."""
+        mean of its heads minus ``rm.uncertainty_penalty`` × their std. 'prm' is the run's
+        process reward model's score of the whole solution (``prm.aggregate`` of its steps)."""
         from tether.rewards import combine_rewards, load_callable, parse_reward_spec
 
         terms = []
         for weight, name in parse_reward_spec(spec):
-            if name == "rm":
+            if name == "prm":
+                if skip_prm:
+                    continue
+                from tether.algorithms.prm import aggregate_steps, score_steps
+
+                def prm_score(rollout, group):
+                    steps = [self._split_steps()(t) for t in rollout.texts]
+                    probs = score_steps(self._prm_model(), self.encoder(), rollout.prompts, steps,
+                                        self.prm_separator(), chunk)
+                    return [aggregate_steps(p, self.cfg.prm.aggregate) for p in probs]
+
+                terms.append((weight, prm_score))
+            elif name == "rm":
                 from tether.algorithms.reward import ensemble_reward
                 from tether.models import load_scalar_model
 
@@ -1071,11 +1121,13 @@ class Pipeline:
         policy = load_policy(self.checkpoint("sft"), cfg.model, cfg.lora)
         reference = frozen_copy(policy) if gcfg.beta > 0 and not cfg.lora.enabled else None
         logger = self.logger(folder)
-        reward_fn = self.reward_fn(gcfg.micro_batch_size)
-        monitor = self.make_monitor(name, policy, reference, gcfg.steps, logger, proxy_fn=reward_fn)
+        step_fn = self.step_reward_fn(gcfg.micro_batch_size)
+        reward_fn = self.reward_fn(gcfg.micro_batch_size, dense=step_fn is not None)
+        monitor = self.make_monitor(name, policy, reference, gcfg.steps, logger,
+                                    proxy_fn=self.reward_fn(gcfg.micro_batch_size))
         result = train_grpo(policy, reference, encoder, self.train_prompts(), reward_fn, gcfg, seed=seed,
                             gold_fn=self.task.gold_batch, logger=logger, name=name, monitor=monitor,
-                            checkpointer=self._checkpointer)
+                            checkpointer=self._checkpointer, step_reward_fn=step_fn)
         result["reward"] = cfg.reward
         logger.close()
         result["monitor"] = self.save_policy(folder, policy, monitor)

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from tether.advantages import grpo_advantages, rloo_advantages
+from tether.advantages import grpo_advantages, process_advantages, rloo_advantages
 from tether import distributed
 from tether.algorithms.ppo import _pad_to, my_rows, rows_logprobs, shared_rollout
 from tether.config import GRPOConfig
@@ -65,7 +65,8 @@ def needs_old_logprobs(cfg: GRPOConfig) -> bool:
 
 
 def grpo_update(policy, reference, engine: Engine, rollout, raw: torch.Tensor, cfg: GRPOConfig,
-                generator: torch.Generator) -> dict:
+                generator: torch.Generator, step_rewards: torch.Tensor | None = None,
+                step_mask: torch.Tensor | None = None) -> dict:
     """One rollout's update: penalties, group advantages, epochs × mini-batches of the
     clipped loss (steps 2–4 above). Returns the rollout's metrics.
 
@@ -73,6 +74,10 @@ def grpo_update(policy, reference, engine: Engine, rollout, raw: torch.Tensor, c
     rewards [B]. Under data parallel every process holds the same rollout and trains its
     share of each mini-batch's groups (:func:`tether.algorithms.ppo.my_rows`); the
     gradients are summed in ``engine.step``. ``generator`` draws the epochs' orders.
+
+    ``step_rewards``/``step_mask`` [B, R]: per-step rewards (a process reward model's) at
+    each step's last token; their process advantages
+    (:func:`tether.advantages.process_advantages`) are added to each token's advantage.
     """
     G = cfg.samples_per_prompt
     share = G if cfg.share_prompt else 1
@@ -108,6 +113,8 @@ def grpo_update(policy, reference, engine: Engine, rollout, raw: torch.Tensor, c
 
     # 3. group-relative advantages, one per sequence
     advantages = group_advantages(rewards, cfg)
+    if step_rewards is not None:  # process supervision: an advantage per token
+        advantages = advantages.unsqueeze(1) + process_advantages(step_rewards, step_mask, G, cfg.eps)
     spread = rewards.view(-1, G)
     flat_groups = float((spread.amax(dim=1) == spread.amin(dim=1)).float().mean())
 
@@ -129,7 +136,8 @@ def grpo_update(policy, reference, engine: Engine, rollout, raw: torch.Tensor, c
                 m = mask[j][:, :w].to(device)
                 old = logps.detach() if old_logprobs is None else old_logprobs[j][:, :w].to(device)
                 ref = ref_logprobs[j][:, :w].to(device) if ref_logprobs is not None else None
-                loss, st = grpo_policy_loss(logps, old, advantages[j].to(device), m, clip=cfg.clip,
+                adv = advantages[j] if advantages.dim() == 1 else advantages[j][:, :w]
+                loss, st = grpo_policy_loss(logps, old, adv.to(device), m, clip=cfg.clip,
                                             ref_logprobs=ref if kl_in_loss else None,
                                             beta=cfg.beta if kl_in_loss else 0.0, aggregation=cfg.aggregation)
                 # micro-batch means → the mini-batch's mean (over tokens or over sequences)
@@ -160,6 +168,8 @@ def grpo_update(policy, reference, engine: Engine, rollout, raw: torch.Tensor, c
     }
     if seq_kl is not None:
         row["kl/ref"] = float(seq_kl.mean())
+    if step_rewards is not None:
+        row["reward/step"] = float(step_rewards[step_mask].mean()) if bool(step_mask.any()) else 0.0
     return row
 
 
@@ -177,6 +187,7 @@ def train_grpo(
     name: str = "grpo",
     monitor=None,
     checkpointer: Checkpointer | None = None,
+    step_reward_fn: Callable | None = None,
 ) -> dict:
     """Optimise ``policy`` in place.
 
@@ -191,6 +202,8 @@ def train_grpo(
             as it asks; it can stop training early).
         checkpointer: saves the training state every few rollouts and resumes from its
             newest checkpoint.
+        step_reward_fn: optional ``(rollout) -> (rewards [B, R], step_mask [B, R])``, dense
+            per-step rewards (a process reward model) added as process advantages.
     """
     G = cfg.samples_per_prompt
     n_prompts = cfg.rollout_batch_size // G
@@ -252,11 +265,14 @@ def train_grpo(
 
         # 2. rewards
         raw = (reward_fn(rollout, share) if reward_takes_group else reward_fn(rollout)).float().cpu()
-        rollout, raw = shared_rollout(rollout, raw, encoder.pad_id)
+        dense = step_reward_fn(rollout)[:2] if step_reward_fn is not None else None
+        rollout, raw, *rest = shared_rollout(rollout, raw, encoder.pad_id, dense)
+        dense = rest[0] if rest else None
 
         # 3.–4. advantages and the update
         t0 = time.time()
-        row = grpo_update(policy, reference, engine, rollout, raw, cfg, generator)
+        row = grpo_update(policy, reference, engine, rollout, raw, cfg, generator,
+                          *(dense if dense is not None else ()))
         row.update({"time/generate": t_gen, "time/train": time.time() - t0})
         if gold_fn is not None:
             gold = gold_fn(rollout.prompts, rollout.texts)

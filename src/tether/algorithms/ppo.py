@@ -196,14 +196,21 @@ def my_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
     return rows.view(-1, group)[distributed.rank() :: world].reshape(-1)
 
 
-def shared_rollout(local: Rollout, local_scores: torch.Tensor, pad_id: int) -> tuple[Rollout, torch.Tensor]:
+def shared_rollout(local: Rollout, local_scores: torch.Tensor, pad_id: int, dense=None):
     """Every process's rollout and scores, joined in rank order (data parallel: each process
     samples and scores a block of the rollout's prompts; the update needs them all for its
-    global statistics)."""
+    global statistics). ``dense``: optional ``(step rewards, step mask)`` [B, R] that travel
+    with the rows (returned as a third item when given)."""
     if distributed.world_size() == 1:
-        return local, local_scores
-    parts = distributed.gather_objects((local, local_scores))
-    return merge_rollouts([p[0] for p in parts], pad_id), torch.cat([p[1] for p in parts])
+        return (local, local_scores) if dense is None else (local, local_scores, dense)
+    parts = distributed.gather_objects((local, local_scores, dense))
+    rollout = merge_rollouts([p[0] for p in parts], pad_id)
+    scores = torch.cat([p[1] for p in parts])
+    if dense is None:
+        return rollout, scores
+    width = rollout.response_ids.size(1)
+    joined = tuple(torch.cat([_pad_to(p[2][k], width) for p in parts]) for k in range(2))
+    return rollout, scores, joined
 
 
 def dropout_free(*models) -> bool:
@@ -237,6 +244,7 @@ def train_ppo(
     logger: MetricsLogger | None = None,
     monitor=None,
     checkpointer: Checkpointer | None = None,
+    step_reward_fn: Callable | None = None,
 ) -> dict:
     """Optimise ``policy`` in place with PPO.
 
@@ -256,6 +264,9 @@ def train_ppo(
             as it asks; training stops early when it says so.
         checkpointer: saves the training state (policy, critic, optimiser, KL controller,
             monitor, data order, RNG) every few rollouts and resumes from its newest checkpoint.
+        step_reward_fn: optional ``(rollout) -> (rewards [B, R], step_mask [B, R], ...)``:
+            dense per-step rewards (a process reward model's) added to the per-token rewards
+            at each step's last token, beside the final score.
     """
     kl_ctl = make_kl_controller(cfg)
     updates_per_rollout = cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
@@ -330,7 +341,9 @@ def train_ppo(
 
         # 2.–3. scores, log-probs, values
         scores = (score_fn(rollout, share) if score_takes_group else score_fn(rollout)).float().cpu()
-        rollout, scores = shared_rollout(rollout, scores, encoder.pad_id)
+        dense = step_reward_fn(rollout)[:2] if step_reward_fn is not None else None
+        rollout, scores, *rest = shared_rollout(rollout, scores, encoder.pad_id, dense)
+        dense = rest[0] if rest else None
         mask = rollout.response_mask.float()
         raw_scores = scores.clone()
         if cfg.missing_eos_penalty:
@@ -372,6 +385,8 @@ def train_ppo(
         # 4.–5. KL-penalised rewards, GAE
         beta = kl_ctl.value
         rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+        if dense is not None:  # process rewards at each step's last token
+            rewards = rewards + dense[0] * mask
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
@@ -430,6 +445,8 @@ def train_ppo(
             "response/length": float(rollout.lengths.float().mean()),
             "response/ended": float(rollout.ended.float().mean()),
             "value/mean": float(masked_mean(old_values, mask)),
+            **({"reward/step": float(dense[0][dense[1]].mean()) if bool(dense[1].any()) else 0.0}
+               if dense is not None else {}),
             "returns/mean": float(masked_mean(returns, mask)),
             "time/generate": t_gen,
             "time/train": t_train,

@@ -31,7 +31,7 @@ from tether.losses import step_bce_loss
 from tether.models import token_scalars
 
 __all__ = ["step_positions", "collate_steps", "train_prm", "score_steps", "aggregate_steps", "best_of_n",
-           "outcome_examples"]
+           "outcome_examples", "rollout_step_rewards"]
 
 
 def step_positions(encoder: Encoder, prompt, steps: list[str], separator: str) -> tuple[list[int], list[int]]:
@@ -195,3 +195,25 @@ def best_of_n(scores: torch.Tensor, gold: torch.Tensor) -> dict:
     mean = float(chosen.mean())
     se = float(chosen.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
     return {"accuracy": mean, "stderr": se, "prompts": n, "per_prompt": chosen.tolist()}
+
+
+def rollout_step_rewards(model, encoder: Encoder, rollout, split, separator: str, batch_size: int = 64):
+    """Dense rewards of a rollout from a PRM: each step's probability of being right at the
+    response position of the step's last token.
+
+    ``split(text) -> steps``. Returns ``(rewards [B, R], step_mask [B, R], probs)`` with
+    ``probs`` each row's step probabilities; a response with no steps gets none.
+    """
+    steps = [split(t) for t in rollout.texts]
+    probs = score_steps(model, encoder, rollout.prompts, steps, separator, batch_size)
+    B, R = rollout.response_ids.shape
+    rewards, mask = torch.zeros(B, R), torch.zeros(B, R, dtype=torch.bool)
+    lengths = rollout.response_mask.sum(dim=1).tolist()
+    for i, (row, pr) in enumerate(zip(steps, probs)):
+        for k, p in enumerate(pr.tolist()):
+            n = len(encoder.tokenizer(separator.join(row[: k + 1]), add_special_tokens=False)["input_ids"])
+            at = min(n, int(lengths[i])) - 1
+            if at >= 0:
+                rewards[i, at] = p
+                mask[i, at] = True
+    return rewards, mask, probs

@@ -1,6 +1,6 @@
 """``arith``: multi-step arithmetic modulo 10, checked step by step.
 
-A prompt chains two to four operations on a digit::
+A prompt chains three to six operations on a digit::
 
     compute 7 add 5 times 3 minus 4
 
@@ -29,7 +29,7 @@ SEPARATOR = " ; "
 
 def make_prompt(rng: random.Random) -> str:
     words = ["compute", str(rng.randrange(10))]
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(3, 6)):
         words += [rng.choice(tuple(OPS)), str(rng.randrange(1, 10))]
     return " ".join(words)
 
