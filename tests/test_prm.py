@@ -256,3 +256,15 @@ def test_dense_prm_rewards_reach_the_update(arith_model, algo):
     assert all("reward/step" in row for row in rows)
     assert rows[0]["reward/step"] == pytest.approx(float(rewards[mask].mean()), abs=1e-6)
     assert max(float((policy.state_dict()[k] - before[k]).abs().max()) for k in before) > 1e-5
+
+
+def test_data_validate_reads_step_files(tmp_path, capsys):
+    from tether.cli import main
+
+    path = tmp_path / "steps.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "steps": ["a", "b"], "labels": [1, 0]}) + "\n")
+    assert main(["data", "validate", str(path)]) == 0
+    assert "1 valid step-labelled solutions, 2 steps (50.0% labelled right)" in capsys.readouterr().out
+    path.write_text(json.dumps({"prompt": "p", "steps": ["a", "b"], "labels": [1]}) + "\n")
+    assert main(["data", "validate", str(path)]) == 2
+    assert f"{path}:1: field 'labels'" in capsys.readouterr().err

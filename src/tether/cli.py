@@ -236,6 +236,15 @@ def cmd_data(args, extra) -> int:
     if extra:
         raise SystemExit(f"unexpected arguments: {extra}")
     kind = detect_kind(args.file) if args.kind == "auto" else args.kind
+    if kind == "steps":
+        from tether.data.schemas import load_step_examples
+
+        items = load_step_examples(args.file)
+        labels = [v for ex in items for v in ex.labels]
+        right = sum(v > 0.5 for v in labels)
+        print(f"{args.file}: {len(items)} valid step-labelled solutions, {len(labels)} steps "
+              f"({right / max(len(labels), 1):.1%} labelled right)")
+        return 0
     if args.action == "stats":
         stats = file_stats(args.file, kind)
         if args.json:
@@ -587,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="tether data validate|stats FILE [--kind auto|demos|rankings] [--json]")
     p.add_argument("action", choices=["validate", "stats"])
     p.add_argument("file", help="JSONL, a Hugging Face dataset folder or parquet file, or hf:NAME[:SPLIT]")
-    p.add_argument("--kind", choices=["auto", "demos", "rankings"], default="auto")
+    p.add_argument("--kind", choices=["auto", "demos", "rankings", "steps"], default="auto")
     p.add_argument("--json", action="store_true", help="stats as JSON")
     p = sub.add_parser("judge", help="an AI judge ranks K responses per prompt (RLAIF): rankings, pairs, verdicts",
                        usage="tether judge FILE --out DIR [--judge hf --model M | --judge http --base-url URL] "

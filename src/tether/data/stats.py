@@ -16,8 +16,10 @@ __all__ = ["detect_kind", "file_stats"]
 
 
 def detect_kind(source) -> str:
-    """'demos' or 'rankings', from the first record's fields."""
+    """'demos', 'rankings' or 'steps' (step-labelled solutions), from the first record's fields."""
     for _, _, rec in iter_records(source):
+        if "steps" in rec:
+            return "steps"
         return "rankings" if any(k in rec for k in ("chosen", "rejected", "responses", "ranking")) else "demos"
     return "demos"
 
