@@ -295,14 +295,16 @@ def test_group_rl_sampler_logprobs_change_nothing(tiny_path, tiny_tokenizer, mon
                      micro_batch_size=4, epochs=1 if rloo else 2, advantage="rloo" if rloo else "grpo",
                      kl_penalty="reward" if rloo else "loss", beta=0.05,
                      generation=GenerationConfig(max_new_tokens=6, batch_size=8), optim=OptimConfig(lr=1e-3))
-    real_generate = grpo.generate
+    import tether.rollout.sampler as sampler_mod
+
+    real_generate = sampler_mod.generate  # what the policy's sampler calls
 
     def reward(rollout):
         return torch.tensor([-len(t.split()) / 6 for t in rollout.texts], dtype=torch.float64)
 
     runs = []
     for on in (True, False):
-        monkeypatch.setattr(grpo, "generate", real_generate if on else
+        monkeypatch.setattr(sampler_mod, "generate", real_generate if on else
                             (lambda *a, **k: real_generate(*a, **{**k, "logprobs": False})))
         policy = copy.deepcopy(base)
         calls = []

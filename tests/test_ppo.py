@@ -363,6 +363,7 @@ def test_ppo_rollout_shortcuts_change_nothing(tiny_path, tiny_tokenizer, monkeyp
     import copy
 
     import tether.algorithms.ppo as ppo
+    import tether.rollout.sampler as sampler_mod
     from tether.algorithms.ppo import ValueHead
 
     task = get_task("tiny")
@@ -370,7 +371,7 @@ def test_ppo_rollout_shortcuts_change_nothing(tiny_path, tiny_tokenizer, monkeyp
     torch.manual_seed(0)
     base = load_policy(tiny_path, MODEL).double()
     base_value = load_scalar_model(tiny_path, MODEL, pad_token_id=enc.pad_id).double()
-    real_generate = ppo.generate
+    real_generate = sampler_mod.generate  # what the policy's sampler calls
 
     def score(rollout):
         return torch.tensor(task.gold_batch(rollout.prompts, rollout.texts), dtype=torch.float64)
@@ -381,11 +382,11 @@ def test_ppo_rollout_shortcuts_change_nothing(tiny_path, tiny_tokenizer, monkeyp
     runs = []
     for on in (True, False):
         if shortcut == "first_update":
-            monkeypatch.setattr(ppo, "generate", no_logprobs)  # the other shortcut off in both runs
+            monkeypatch.setattr(sampler_mod, "generate", no_logprobs)  # the other shortcut off in both runs
             monkeypatch.setattr(ppo, "dropout_free", (lambda *m: True) if on else (lambda *m: False))
         else:
             monkeypatch.setattr(ppo, "dropout_free", lambda *m: False)
-            monkeypatch.setattr(ppo, "generate", real_generate if on else no_logprobs)
+            monkeypatch.setattr(sampler_mod, "generate", real_generate if on else no_logprobs)
         policy = copy.deepcopy(base)
         value = ValueHead(policy.config.hidden_size).double() if critic == "head" else copy.deepcopy(base_value)
         calls = []

@@ -31,8 +31,9 @@ from tether.data.tokenize import Encoder
 from tether.checkpoint import Checkpointer, LoopState, RNGState
 from tether.engine import Engine, MetricsLogger, progress_bar
 from tether.losses import grpo_policy_loss
-from tether.models import is_quantized, reference_context
-from tether.rollout import SamplingCopy, active_autocast_dtype, generate, group_chunks
+from tether.models import reference_context
+from tether.rollout import group_chunks
+from tether.rollout.sampler import PolicySampler
 
 __all__ = ["train_grpo", "grpo_update", "group_advantages", "needs_old_logprobs"]
 
@@ -213,19 +214,7 @@ def train_grpo(
     updates = cfg.steps * cfg.epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
     engine = Engine([p for p in policy.parameters() if p.requires_grad], cfg.optim, updates, name=name)
     generator = torch.Generator().manual_seed(seed)
-    device = next(policy.parameters()).device
-    low = active_autocast_dtype(device)
-    # (a QLoRA policy samples itself: merging adapters into 4-bit weights would round them away)
-    is_peft = hasattr(policy, "merge_and_unload")
-    sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) \
-        if (low is not None or is_peft) and not is_quantized(policy) else None
-    engine_vllm = None
-    if cfg.rollout_backend == "vllm":  # vLLM samples; the trainer's weights go to it before each rollout
-        from tether.rollout.vllm import VLLMEngine
-
-        engine_vllm = VLLMEngine(policy, encoder, memory=cfg.vllm_memory, seed=seed,
-                                 dtype=str(low).removeprefix("torch.") if low is not None else None)
-        sampler = None
+    sampler = PolicySampler(policy, encoder, cfg.rollout_backend, vllm_memory=cfg.vllm_memory, seed=seed)
     loop = LoopState(order=[], first={}, last={}, steps_done=0, stopped=False)
     state = {"policy": policy, "engine": engine, "rng": RNGState(data=generator), "loop": loop}
     if logger is not None:
@@ -237,7 +226,7 @@ def train_grpo(
     bar = progress_bar(cfg.steps, name, unit="rollout")
     bar.update(start)
     if monitor is not None:
-        monitor.sampler = sampler
+        monitor.sampler = sampler.copy
         if not start:
             monitor.check(0)
     for step in range(start, 0 if loop["stopped"] else cfg.steps):
@@ -248,19 +237,10 @@ def train_grpo(
         idx, loop["order"] = loop["order"][:n_prompts], loop["order"][n_prompts:]
         idx = idx[n_prompts * rank // world : n_prompts * (rank + 1) // world]
         t0 = time.time()
-        if sampler is not None:
-            sampler.sync()
         # sampling with the policy itself keeps its log-probs: the rollout-time log-probs
         # (several updates per rollout, or RLOO's KL in the reward) need no forward pass
-        if engine_vllm is not None:
-            engine_vllm.sync()
-            rollout = engine_vllm.generate([prompts[i] for i in idx for _ in range(G)], cfg.generation,
-                                           seed=seed * 1_000_003 + step + 7_919_993 * rank)
-        else:
-            rollout = generate(sampler.model if sampler is not None else policy, encoder,
-                               [prompts[i] for i in idx for _ in range(G)], cfg.generation,
-                               seed=seed * 1_000_003 + step + 7_919_993 * rank,
-                               logprobs=sampler is None and needs_old_logprobs(cfg))
+        rollout = sampler.sample([prompts[i] for i in idx for _ in range(G)], cfg.generation,
+                                 seed=seed * 1_000_003 + step + 7_919_993 * rank, logprobs=needs_old_logprobs(cfg))
         t_gen = time.time() - t0
 
         # 2. rewards
@@ -294,8 +274,7 @@ def train_grpo(
         if loop["stopped"]:
             break
     bar.close()
-    if engine_vllm is not None:
-        engine_vllm.close()
+    sampler.close()
     out = {
         "steps": loop["steps_done"],
         "planned_steps": cfg.steps,

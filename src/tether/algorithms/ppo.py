@@ -27,7 +27,6 @@ from tether.checkpoint import Checkpointer, LoopState, RNGState
 from tether.engine import Engine, MetricsLogger, progress_bar
 from tether.losses import ppo_policy_loss, value_loss
 from tether.models import (
-    is_quantized,
     grouped_logprobs,
     grouped_token_scalars,
     reference_context,
@@ -38,14 +37,12 @@ from tether.ops import entropy_from_logits, masked_mean, masked_whiten
 from tether import distributed
 from tether.rollout import (
     Rollout,
-    SamplingCopy,
-    active_autocast_dtype,
-    generate,
     group_chunks,
     group_tensors,
     merge_rollouts,
     trimmed_batch,
 )
+from tether.rollout.sampler import PolicySampler
 
 __all__ = ["train_ppo", "make_kl_controller", "rollout_logprobs_and_values", "rows_logprobs", "ValueHead"]
 
@@ -286,21 +283,7 @@ def train_ppo(
         state["monitor"] = monitor
     start = checkpointer.resume(state) if checkpointer is not None else 0
     start_time = time.time()
-    # sample from a merged copy: in the autocast dtype when autocast runs in bf16/fp16, and
-    # for a LoRA policy in any case (no adapter products per decoding step, and a merged
-    # plain model can use the static KV cache: ~1.8x faster decoding on a CPU)
-    low = active_autocast_dtype(device)
-    # (a QLoRA policy samples itself: merging adapters into 4-bit weights would round them away)
-    is_peft = hasattr(policy, "merge_and_unload")
-    sampler = SamplingCopy(policy, low or next(policy.parameters()).dtype) \
-        if (low is not None or is_peft) and not is_quantized(policy) else None
-    engine_vllm = None
-    if cfg.rollout_backend == "vllm":  # vLLM samples; the trainer's weights go to it before each rollout
-        from tether.rollout.vllm import VLLMEngine
-
-        engine_vllm = VLLMEngine(policy, encoder, memory=cfg.vllm_memory, seed=seed,
-                                 dtype=str(low).removeprefix("torch.") if low is not None else None)
-        sampler = None
+    sampler = PolicySampler(policy, encoder, cfg.rollout_backend, vllm_memory=cfg.vllm_memory, seed=seed)
     bar = progress_bar(cfg.steps, "ppo", unit="rollout")
     bar.update(start)
     G = cfg.samples_per_prompt
@@ -314,7 +297,7 @@ def train_ppo(
     reuse_first = dropout_free(policy, value_model)
     world, rank = distributed.world_size(), distributed.rank()
     if monitor is not None:
-        monitor.sampler = sampler
+        monitor.sampler = sampler.copy
         if not start:
             monitor.check(0)
     for step in range(start, 0 if loop["stopped"] else cfg.steps):
@@ -325,18 +308,11 @@ def train_ppo(
         # data parallel: each process samples and scores a block of the prompts
         idx = [i for i in idx[n_prompts * rank // world : n_prompts * (rank + 1) // world] for _ in range(G)]
         t0 = time.time()
-        if sampler is not None:
-            sampler.sync()
         # sampling with the policy itself (no low-precision copy) keeps its log-probs: with a
         # separate critic, the rollout-time log-probs need no other policy forward pass
-        if engine_vllm is not None:
-            engine_vllm.sync()
-            rollout = engine_vllm.generate([prompts[i] for i in idx], cfg.generation,
-                                           seed=seed * 1_000_003 + step + 7_919_993 * rank)
-        else:
-            rollout = generate(sampler.model if sampler is not None else policy, encoder, [prompts[i] for i in idx],
-                               cfg.generation, seed=seed * 1_000_003 + step + 7_919_993 * rank,
-                               logprobs=sampler is None and not isinstance(value_model, ValueHead))
+        rollout = sampler.sample([prompts[i] for i in idx], cfg.generation,
+                                 seed=seed * 1_000_003 + step + 7_919_993 * rank,
+                                 logprobs=not isinstance(value_model, ValueHead))
         t_gen = time.time() - t0
 
         # 2.–3. scores, log-probs, values
@@ -471,8 +447,7 @@ def train_ppo(
         if loop["stopped"]:
             break
     bar.close()
-    if engine_vllm is not None:
-        engine_vllm.close()
+    sampler.close()
     out = {
         "steps": loop["steps_done"],
         "planned_steps": cfg.steps,
