@@ -168,10 +168,14 @@ class GenerationConfig:
     temperature: float = _f(1.0, "Sampling temperature (0 = greedy).")
     top_p: float = _f(1.0, "Nucleus sampling mass.")
     top_k: int = _f(0, "Top-k sampling (0 = off).")
-    batch_size: int = _f(64, "Prompts per generate() call.")
+    batch_size: int = _f(64, "Prompts per generate() call with engine 'transformers' (the Tether engine sizes its "
+                                 "batch from memory).")
+    engine: str = _f("auto", "Sampler: 'tether' (continuous batching, each prompt prefilled once for its samples), "
+                             "'transformers' (its generate), or 'auto' (tether where the model is Llama-shaped).")
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        _check(self.engine in ("auto", "tether", "transformers"), "engine", "must be auto, tether or transformers")
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
 

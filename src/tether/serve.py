@@ -415,16 +415,13 @@ class ChatModel:
             emitted = max(emitted, end)
             return piece
 
-        inputs = torch.tensor([ids], device=self.device)
-        step_kwargs = dict(self._last_logit_only)
+        steps = self._steps(ids, max_new_tokens)
+        logits = None
         with torch.inference_mode():
             for _ in range(max_new_tokens):
                 if cancel is not None and cancel.is_set():
                     return
-                out = self.model(input_ids=inputs, use_cache=True, **step_kwargs)
-                cache = getattr(out, "cache", None)  # named past_key_values before transformers 5.x
-                step_kwargs[self._cache_arg] = cache if cache is not None else out.past_key_values
-                logits = out.logits[0, -1].float()
+                logits = next(steps) if logits is None else steps.send(token)
                 token = self._pick(logits, request, generator)
                 if token in self.eos_ids:
                     yield take(len(text), "stop", len(tokens) + 1)
@@ -444,8 +441,27 @@ class ChatModel:
                     safe -= 1
                 if safe > emitted:
                     yield take(safe)
-                inputs = torch.tensor([[token]], device=self.device)
         yield take(len(text), "length", len(tokens))
+
+    def _steps(self, ids: list[int], max_new_tokens: int) -> Iterator[torch.Tensor]:
+        """Logits [V] (float32) of each next token; ``send(token)`` feeds the picked one. Tether's
+        engine (its slot KV cache, logits of the last position only) for a Llama-shaped model,
+        else the model's own forward with its KV cache."""
+        from tether.rollout.engine import engine_stream, engine_supports
+
+        if engine_supports(self.model):
+            return engine_stream(self.model, ids, max_new_tokens)
+        return self._hf_steps(ids, max_new_tokens)
+
+    def _hf_steps(self, ids: list[int], max_new_tokens: int) -> Iterator[torch.Tensor]:
+        inputs = torch.tensor([ids], device=self.device)
+        step_kwargs = dict(self._last_logit_only)
+        for _ in range(max_new_tokens):
+            out = self.model(input_ids=inputs, use_cache=True, **step_kwargs)
+            cache = getattr(out, "cache", None)  # named past_key_values before transformers 5.x
+            step_kwargs[self._cache_arg] = cache if cache is not None else out.past_key_values
+            token = yield out.logits[0, -1].float()
+            inputs = torch.tensor([[int(token)]], device=self.device)
 
 
 # --------------------------------------------------------------------------------------

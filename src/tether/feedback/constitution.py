@@ -38,36 +38,19 @@ class LocalChat:
         if torch.cuda.is_available():
             self.model = self.model.to("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         self.batch_size, self.max_prompt_tokens = batch_size, max_prompt_tokens
-        self._torch = torch
         self.name = f"hf:{model}"
-
-    def _encode(self, messages: list[dict]) -> list[int]:
-        from tether.data.tokenize import chat_prompt_ids
-
-        return chat_prompt_ids(self.tokenizer, messages)[-self.max_prompt_tokens:]
 
     def generate(self, conversations: list[list[dict]], *, max_tokens: int, temperature: float, seed: int,
                  progress=None) -> list[str]:
-        from tether.data.tokenize import pad_left
+        """One answer per conversation, through :func:`tether.rollout.generate` (Tether's engine
+        for a Llama-shaped model: a system prompt the conversations share runs once)."""
+        from tether.config import GenerationConfig
+        from tether.data.tokenize import Encoder
+        from tether.rollout import generate
 
-        torch = self._torch
-        tok = self.tokenizer
-        out = []
-        for b in range(0, len(conversations), self.batch_size):
-            chunk = conversations[b : b + self.batch_size]
-            ids, mask = pad_left([self._encode(c) for c in chunk], int(tok.pad_token_id))
-            ids, mask = ids.to(self.model.device), mask.to(self.model.device)
-            torch.manual_seed(seed + b)
-            with torch.no_grad():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                          do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                                          top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
-                                          eos_token_id=tok.eos_token_id)
-            for row in gen[:, ids.size(1):]:
-                out.append(tok.decode(row, skip_special_tokens=True).strip())
-            if progress:
-                progress(len(chunk))
-        return out
+        enc = Encoder(self.tokenizer, self.max_prompt_tokens + max_tokens, self.max_prompt_tokens)
+        gen = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, batch_size=self.batch_size)
+        return generate(self.model, enc, conversations, gen, seed=seed, progress=progress).texts
 
 
 class HTTPChat:

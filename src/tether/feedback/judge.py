@@ -255,8 +255,15 @@ class HFJudge(Judge):
         from tether.data.tokenize import pad_left
         from tether.models import _accepts_logits_to_keep
 
+        from tether.rollout.engine import engine_last_logits, engine_supports
+
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         encoded = [self._encode(c) for c in conversations]
+        if engine_supports(self.model):  # the rubric every prompt shares runs once
+            logp = torch.log_softmax(engine_last_logits(self.model, encoded, progress=progress), dim=-1)
+            la = torch.logsumexp(logp[:, self.letter_ids[self.labels[0]]], dim=-1)
+            lb = torch.logsumexp(logp[:, self.letter_ids[self.labels[1]]], dim=-1)
+            return [(float(p), True) for p in torch.sigmoid(la - lb).tolist()]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
         out: list = [None] * len(encoded)
         device = next(self.model.parameters()).device

@@ -1,4 +1,6 @@
-"""Batched, KV-cached sampling with transformers ``generate``, stopping at EOS.
+"""Batched, KV-cached sampling, stopping at EOS: Tether's engine (``tether.rollout.engine``:
+continuous batching, each prompt prefilled once for its samples) for Llama-shaped models,
+transformers ``generate`` for the rest (or with ``generation.engine: transformers``).
 
 The result keeps token ids (never re-tokenised text), laid out as
 ``[left-padded prompt | response]`` so that the response starts at the same column in
@@ -180,10 +182,22 @@ def generate(
             the sampling steps: PPO's rollout-time log-probs without a second forward pass.
             Skipped (left None) when a chunk's logits would pass ``LOGITS_BUDGET`` bytes.
     """
+    from tether.rollout.engine import engine_supports
+
+    engine = getattr(gen, "engine", "auto")
+    use_engine = engine != "transformers" and len(prompts) > 0 and engine_supports(model)
+    if engine == "tether" and not use_engine and prompts:
+        raise ValueError(f"generation.engine: 'tether' samples Llama-shaped models (llama, mistral, qwen2, qwen3; sdpa "
+                         f"or eager attention, not quantised); this is a {type(model).__name__}: use 'transformers'")
     was_training = model.training
     model.eval()
     if seed is not None:
         torch.manual_seed(seed)
+    if use_engine:
+        try:
+            return _engine_rollout(model, encoder, prompts, gen, progress=progress, logprobs=logprobs)
+        finally:
+            model.train(was_training)
     device = next(model.parameters()).device
     if logprobs:  # generate holds every step's [rows, vocab] float32 logits until it returns
         vocab = model.get_output_embeddings().weight.size(0)
@@ -229,6 +243,22 @@ def generate(
     finally:
         model.train(was_training)
     return merge_rollouts(parts, encoder.pad_id)
+
+
+def _engine_rollout(model, encoder: Encoder, prompts: list, gen: GenerationConfig, *, progress, logprobs: bool) -> Rollout:
+    """A rollout sampled by :func:`tether.rollout.engine.engine_generate`, laid out as ``generate``'s."""
+    from tether.rollout.engine import engine_generate
+
+    ids = [encoder.prompt_ids(p) for p in prompts]
+    tokens, lengths, ended, logps, ent = engine_generate(model, ids, gen, encoder.eos_id, logprobs=logprobs,
+                                                         progress=progress)
+    q_ids, q_mask = pad_left(ids, encoder.pad_id)
+    cols = torch.arange(tokens.size(1)).unsqueeze(0)
+    r_mask = (cols < lengths.unsqueeze(1)).long()
+    response = torch.where(r_mask.bool(), tokens, torch.full_like(tokens, encoder.pad_id))
+    texts = [encoder.decode(row[: int(n)]) for row, n in zip(response, lengths)]
+    return Rollout(list(prompts), q_ids, q_mask, response, r_mask, ended, texts,
+                   logprobs=None if logps is None else logps * r_mask, entropy=None if ent is None else ent * r_mask)
 
 
 def _step_logprobs(step_logits, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
