@@ -166,3 +166,38 @@ def test_engine_choice_is_checked():
 
     with pytest.raises(ConfigError, match="engine"):
         GenerationConfig(engine="vllm")
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_and_logprobs(_tether_home):
+    """On the default's real model and prompts: greedy tokens equal transformers ``generate``
+    (one prompt at a time, no padding), and the sampling log-probs equal a full forward pass."""
+    from tether.config import ModelConfig
+    from tether.data.tokenize import Encoder
+    from tether.models import load_policy, load_tokenizer
+    from tether.tasks import get_task
+    from tether.zoo import pull
+
+    path = str(pull("smollm2-135m-instruct"))
+    model = load_policy(path, ModelConfig(name=path), trainable=False).eval()
+    enc = Encoder(load_tokenizer(path), 224, 160)
+    prompts = [enc.prompt_ids(p) for p in get_task("instruct").heldout_prompts()[:6]]
+    prompts += prompts[:2]  # repeated prompts share their prefill
+    eos = enc.eos_id
+    gen = GenerationConfig(max_new_tokens=24, temperature=0.0)
+    tokens, lengths, *_ = engine_generate(model, prompts, gen, eos)
+    want = []
+    for p in prompts:
+        out = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             do_sample=False, max_new_tokens=24, eos_token_id=eos, pad_token_id=enc.pad_id,
+                             temperature=None, top_p=None, top_k=None)[0, len(p):].tolist()
+        want.append(out[: out.index(eos) + 1] if eos in out else out)
+    assert _rows(tokens, lengths) == want
+    torch.manual_seed(0)
+    tokens, lengths, _, logps, _ = engine_generate(model, prompts[:4], GenerationConfig(max_new_tokens=24), eos,
+                                                   logprobs=True)
+    for i, p in enumerate(prompts[:4]):
+        resp = tokens[i, : lengths[i]]
+        with torch.no_grad():
+            full = model(torch.tensor([p + resp.tolist()])).logits[0, len(p) - 1 : -1].float().log_softmax(-1)
+        torch.testing.assert_close(logps[i, : lengths[i]], full.gather(1, resp[:, None]).squeeze(1), atol=1e-4, rtol=0)

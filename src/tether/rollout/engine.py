@@ -66,9 +66,9 @@ def engine_supports(model) -> bool:
         return False
     if getattr(cfg, "_attn_implementation", "eager") not in _MASKED_ATTENTION:
         return False
-    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "layer_types", None) and \
-            any(t != "full_attention" for t in cfg.layer_types):
-        return False
+    if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and cfg.sliding_window) or \
+            any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return False  # a sliding window: the full-attention mask here would be wrong
     body = getattr(inner, "model", None)
     return all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
 
@@ -281,9 +281,12 @@ def engine_generate(model, prompt_ids: list[list[int]], gen, eos_id: int, *, log
     ``ended`` [B] bool; ``logps``/``entropy`` [B, R] float32 (0 past the response) or None.
     The caller seeds torch's generator and puts the model in eval mode.
     """
+    n_rows, max_new = len(prompt_ids), gen.max_new_tokens
+    if not n_rows:
+        empty = torch.zeros(0, 1)
+        return empty.long(), empty[:, 0].long(), empty[:, 0].bool(), (empty if logprobs else None), (empty if logprobs else None)
     runner = _Runner(model)
     device = runner.device
-    n_rows, max_new = len(prompt_ids), gen.max_new_tokens
     # ---- the work queue: distinct prompts in order of first appearance, each with its rows
     first: dict[tuple, int] = {}
     unique: list[list[int]] = []
@@ -389,10 +392,9 @@ def engine_generate(model, prompt_ids: list[list[int]], gen, eos_id: int, *, log
             slot_row, slot_pos, slot_gen, slot_tok = (x[perm] for x in (slot_row, slot_pos, slot_gen, slot_tok))
             if progress is not None:
                 progress(int(finished.numel()))
-    width = max(int(out_lengths.max()), 1) if n_rows else 1
-    cut = (lambda x: x[:, :width]) 
-    return (cut(out_tokens), out_lengths, out_ended,
-            None if out_logps is None else cut(out_logps), None if out_ent is None else cut(out_ent))
+    width = max(int(out_lengths.max()), 1)
+    return (out_tokens[:, :width], out_lengths, out_ended,
+            None if out_logps is None else out_logps[:, :width], None if out_ent is None else out_ent[:, :width])
 
 
 @torch.no_grad()
