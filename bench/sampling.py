@@ -142,7 +142,7 @@ def sample_vllm(path: str, prompts: list, rows: list, args):
     from vllm.inputs import TokensPrompt
 
     enc = encoder_for(path)
-    llm = LLM(model=path, dtype="float32", seed=args.seed, max_model_len=256, enforce_eager=False)
+    llm = LLM(model=path, dtype="float32", seed=args.seed, max_model_len=256, gpu_memory_utilization=0.3)
     prompt_ids = [enc.prompt_ids(p) for p in rows]
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, stop_token_ids=[enc.eos_id])
     t0 = time.perf_counter()
