@@ -19,8 +19,11 @@ MODEL = ModelConfig(max_length=64, max_prompt_length=32)
 
 
 def _cfg(**kw) -> PPOConfig:
+    # PPO's mechanics on transformers' sampler, the one these tests were written against; the
+    # engine's sampling is checked in test_engine.py
     base = dict(steps=3, rollout_batch_size=8, mini_batch_size=4, micro_batch_size=2, epochs=2,
-                generation=GenerationConfig(max_new_tokens=6, batch_size=8), optim=OptimConfig(lr=1e-3))
+                generation=GenerationConfig(max_new_tokens=6, batch_size=8, engine="transformers"),
+                optim=OptimConfig(lr=1e-3))
     base.update(kw)
     return PPOConfig(**base)
 
@@ -311,7 +314,7 @@ def test_generate_skips_logprobs_over_the_logits_budget(tiny_path, tiny_tokenize
 
     enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
     policy = load_policy(tiny_path, MODEL)
-    gen = GenerationConfig(max_new_tokens=4, batch_size=2)
+    gen = GenerationConfig(max_new_tokens=4, batch_size=2, engine="transformers")  # the engine holds no step logits
     vocab = policy.get_output_embeddings().weight.size(0)
     monkeypatch.setattr(g, "LOGITS_BUDGET", 2 * 4 * vocab * 4)  # exactly one chunk's logits
     assert generate(policy, enc, ["hi", "write three words"], gen, seed=0, logprobs=True).logprobs is not None

@@ -578,7 +578,7 @@ def test_sampling_does_not_depend_on_earlier_calls(tiny_path, tiny_tokenizer):
         return cache
 
     enc = Encoder(tiny_tokenizer, 64, 48)
-    gen = GenerationConfig(max_new_tokens=8, temperature=1.0, batch_size=4)
+    gen = GenerationConfig(max_new_tokens=8, temperature=1.0, batch_size=4, engine="transformers")  # its static cache
     long_prompts, short = [" ".join(["the"] * 40)] * 4, ["so"] * 4
     GenerationMixin._prepare_static_cache = spy
     try:
