@@ -66,7 +66,7 @@ def test_slot_refills_give_the_same_answers():
     for slots in (1, 3):
         narrow = engine_generate(model, prompts, gen, EOS, logprobs=True, slots=slots)
         assert _rows(narrow[0], narrow[1]) == _rows(wide[0], wide[1])
-        torch.testing.assert_close(narrow[3], wide[3], atol=1e-5, rtol=0)
+        torch.testing.assert_close(narrow[3], wide[3], atol=1e-5, rtol=1e-5)  # batch size changes the matmul blocking
 
 
 def test_logprobs_and_entropy_equal_a_full_forward_pass():
