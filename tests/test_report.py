@@ -68,3 +68,27 @@ def test_report_command_rebuilds_it(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert str(run / "report.html") in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_report_shows_paired_differences_and_the_instruction_table(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run, hacked=False)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["eval"] = {"sft": {}, "ppo": {"vs_sft": {"mean": 0.12, "stderr": 0.03, "ci95": [0.06, 0.18], "n": 64,
+                                                      "z": 4.0, "combined_stderr": 0.05, "z_combined": 2.4}}}
+    summary["reward_model"]["on_policy_accuracy"] = {
+        "sft_samples": {"accuracy": 0.7, "stderr": 0.05, "pairs": 80, "steps": [0]},
+        "ppo_samples": {"accuracy": 0.6, "stderr": 0.04, "pairs": 160, "steps": [2, 3]}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    for name, share in (("sft", 0.25), ("ppo", 0.75)):
+        f = run / "eval" / f"{name}.json"
+        res = json.loads(f.read_text())
+        res["breakdown"] = {"change_case:lowercase": share}
+        res["breakdown_n"] = {"change_case:lowercase": 21}
+        f.write_text(json.dumps(res))
+    page = build_report(run).read_text()
+    assert "+0.120 ± 0.030 vs sft (4.0) [+0.060, +0.180], n 64" in page
+    assert "What changed, by kind of instruction" in page
+    assert re.search(r"change_case:lowercase</td><td class='num'>21</td><td class='num'>0.25</td>"
+                     r"<td class='num'>0.75</td>", page)
+    assert "0.700 ± 0.050 on SFT's samples (80 pairs), 0.600 ± 0.040 on PPO's (160 pairs)" in page

@@ -110,14 +110,19 @@ def _print_summary(summary: dict) -> None:
     table.add_column("95% CI", justify="right")
     table.add_column("KL to ref", justify="right")
     table.add_column("length", justify="right")
+    table.add_column("paired Δ (± s.e.) · z · 95% CI", justify="right")
     for name, res in summary.get("eval", {}).items():
         kl = res.get("kl_to_ref")
+        vs = res.get("vs_sft") or res.get("vs_base")
+        against = "sft" if res.get("vs_sft") else "base"
         table.add_row(
             name,
             f"{res['gold_mean']:.3f} ± {res['gold_stderr']:.3f}",
             f"[{res['gold_ci95'][0]:.3f}, {res['gold_ci95'][1]:.3f}]",
             "—" if kl is None else f"{kl:.2f} (vs {res.get('reference')})",
             f"{res['length_mean']:.1f}",
+            "—" if not vs else (f"{vs['mean']:+.3f} ± {vs['stderr']:.3f} vs {against} · {vs['z']:.1f} · "
+                                f"[{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}] (n {vs['n']})"),
         )
     console.print(table)
     rm = summary.get("reward_model")
@@ -129,6 +134,12 @@ def _print_summary(summary: dict) -> None:
             + (f" (a simulated labeler: {lab:.3f})" if lab is not None else "")
             if acc is not None else "reward model: no held-out pairs"
         )
+        shift = rm.get("on_policy_accuracy")
+        if shift:
+            a, b = shift["sft_samples"], shift["ppo_samples"]
+            console.print(f"reward model on the policy's own rollouts: {a['accuracy']:.3f} ± {a['stderr']:.3f} on SFT's "
+                          f"samples ({a['pairs']} pairs), {b['accuracy']:.3f} ± {b['stderr']:.3f} on PPO's "
+                          f"({b['pairs']} pairs, steps {b['steps'][0]}–{b['steps'][-1]})")
     prefs = summary.get("preferences")
     if prefs and prefs.get("labeler_agreement") is not None:
         agreement = prefs.get("agreement") or {}

@@ -67,6 +67,34 @@ def _say(msg: str) -> None:
     Console(stderr=True).print(msg)
 
 
+def _rm_accuracy_on_policy(metrics: Path) -> dict | None:
+    """The distribution shift the reward model meets: its pairwise accuracy against gold on
+    the policy's own rollouts (samples of the same prompt whose gold differs), on the first
+    rollout (the SFT policy's samples) and pooled over the second half of the steps (PPO's).
+    The s.e. is binomial over pairs (pairs of one prompt share samples: a lower bound)."""
+    if not metrics.is_file():
+        return None
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("reward/pairs"):
+            rows.append(r)
+    if not rows:
+        return None
+
+    def pooled(part: list[dict]) -> dict:
+        n = sum(r["reward/pairs"] for r in part)
+        acc = sum(r["reward/pair_accuracy"] * r["reward/pairs"] for r in part) / n
+        return {"accuracy": acc, "stderr": (acc * (1 - acc) / n) ** 0.5, "pairs": n,
+                "steps": [r["step"] for r in part]}
+
+    half = rows[len(rows) // 2:] if len(rows) > 1 else rows
+    return {"sft_samples": pooled(rows[:1]), "ppo_samples": pooled(half)}
+
+
 class Pipeline:
     def __init__(self, cfg: RunConfig, out_dir: str | Path | None = None):
         self.cfg = cfg
@@ -1258,6 +1286,9 @@ class Pipeline:
         if self.is_done("ppo"):
             ppo = self.result("ppo")
             summary["ppo"] = {"final_kl_coef": ppo.get("final_kl_coef"), "last": ppo.get("last")}
+            shift = _rm_accuracy_on_policy(self.stage_dir("ppo") / "metrics.jsonl")
+            if shift and "reward_model" in summary:
+                summary["reward_model"]["on_policy_accuracy"] = shift
         if self.is_done("dpo"):
             dpo = self.result("dpo")
             summary["dpo"] = {k: dpo.get(k) for k in ("loss", "beta", "final_loss", "heldout_accuracy", "heldout_pairs",
@@ -1278,12 +1309,22 @@ class Pipeline:
             summary["reward_model"]["heldout_accuracy_per_head"] = self.result("rm")["heldout_accuracy_per_head"]
         if self.is_done("eval"):
             summary["eval"] = {}
+            per_prompt: dict[str, list[float] | None] = {}
             for name in self.result("eval").get("policies", []):
                 file = self.stage_dir("eval") / f"{name}.json"
                 if not file.is_file():  # removed by hand: the next run evaluates it again
                     continue
                 res = json.loads(file.read_text())
                 summary["eval"][name] = {k: v for k, v in res.items() if k not in ("samples", "gold_per_prompt", "key")}
+                per_prompt[name] = res.get("gold_per_prompt")
+            # every policy against SFT (and SFT against the base model) on the same prompts
+            from tether.evaluate import paired_difference
+
+            for name, scores in per_prompt.items():
+                base = "base" if name == "sft" else "sft"
+                other = per_prompt.get(base)
+                if name != base and name != "base" and scores and other and len(scores) == len(other):
+                    summary["eval"][name][f"vs_{base}"] = paired_difference(scores, other, seed=self.cfg.seed)
         write_json(self.dir / "summary.json", summary)
         return summary
 

@@ -269,6 +269,35 @@ def _verdicts(run: dict) -> str:
     return "".join(parts)
 
 
+def _paired(r: dict) -> str:
+    """A policy's paired difference to SFT (SFT's to the base model) on the same prompts
+    (``r`` the policy's entry in summary.json's ``eval``)."""
+    against = "sft" if r.get("vs_sft") else "base"
+    vs = r.get(f"vs_{against}")
+    if not vs:
+        return "—"
+    return (f"{vs['mean']:+.3f} ± {_fmt(vs['stderr'])} vs {against} ({vs['z']:.1f}) "
+            f"[{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], n {vs['n']}")
+
+
+def _breakdown_table(run: dict) -> str:
+    """What RLHF changed: for each kind of instruction, the share of held-out responses that
+    satisfy it, per policy (the task's ``breakdown``), with how many prompts carry that kind."""
+    ev = {n: r for n, r in run["eval"].items() if r.get("breakdown")}
+    if not ev:
+        return ""
+    kinds = sorted({k for r in ev.values() for k in r["breakdown"]})
+    counts = next((r.get("breakdown_n") for r in ev.values() if r.get("breakdown_n")), {}) or {}
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ev)
+    rows = []
+    for k in kinds:
+        cells = "".join(f"<td class='num'>{_fmt(r['breakdown'].get(k), 2)}</td>" for r in ev.values())
+        rows.append(f"<tr><td>{html.escape(k)}</td><td class='num'>{counts.get(k, '')}</td>{cells}</tr>")
+    return ("<h2>What changed, by kind of instruction</h2><p>Share of held-out responses that satisfy each "
+            "kind of instruction (n: prompts carrying it; a small n is a noisy share).</p>"
+            f"<table><tr><th>instruction</th><th>n</th>{head}</tr>{''.join(rows)}</table>")
+
+
 def _summary_table(run: dict) -> str:
     s = run["summary"]
     rows = []
@@ -278,15 +307,22 @@ def _summary_table(run: dict) -> str:
         rows.append(f"<tr><td>{html.escape(name)}</td><td class='num'>{_fmt(r.get('gold_mean'))} ± "
                     f"{_fmt(r.get('gold_stderr'))}</td><td class='num'>[{_fmt(ci[0])}, {_fmt(ci[1])}]</td>"
                     f"<td class='num'>{_fmt(kl, 2)}{' vs ' + html.escape(r['reference']) if r.get('reference') else ''}"
-                    f"</td><td class='num'>{_fmt(r.get('length_mean'), 1)}</td></tr>")
+                    f"</td><td class='num'>{_fmt(r.get('length_mean'), 1)}</td><td class='num'>{_paired((s.get('eval') or {}).get(name) or {})}</td></tr>")
     table = ("<table><tr><th>policy</th><th>held-out gold ± s.e.</th><th>95% CI</th><th>KL to reference</th>"
-             "<th>length</th></tr>" + "".join(rows) + "</table>") if rows else "<p>No evaluation yet.</p>"
+             "<th>length</th><th>paired Δ ± s.e. (z) [95% CI], same prompts</th></tr>" + "".join(rows)
+             + "</table>") if rows else "<p>No evaluation yet.</p>"
     facts = []
     rm = s.get("reward_model")
     if rm:
         facts.append(f"reward model held-out pairwise accuracy vs gold: <b>{_fmt(rm.get('heldout_accuracy'))}</b> on "
                      f"{rm.get('heldout_pairs')} pairs" + (f" (a simulated labeler: {_fmt(rm.get('labeler_heldout_accuracy'))})"
                                                            if rm.get("labeler_heldout_accuracy") is not None else ""))
+        shift = rm.get("on_policy_accuracy")
+        if shift:
+            a, b = shift["sft_samples"], shift["ppo_samples"]
+            facts.append(f"reward model on the policy's own rollouts (distribution shift): {_fmt(a['accuracy'])} ± "
+                         f"{_fmt(a['stderr'])} on SFT's samples ({a['pairs']} pairs), {_fmt(b['accuracy'])} ± "
+                         f"{_fmt(b['stderr'])} on PPO's ({b['pairs']} pairs)")
         if rm.get("heldout_accuracy_per_head"):
             facts.append("ensemble heads: " + ", ".join(_fmt(a) for a in rm["heldout_accuracy_per_head"]))
     prefs = s.get("preferences") or {}
@@ -347,6 +383,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 <b>{html.escape(str(s.get('model')))}</b> · preset {html.escape(str(s.get('preset')))}</div>
 <h2>Reward hacking monitor</h2>{_verdicts(run) or "<p>No policy stage was monitored.</p>"}
 <h2>Summary</h2>{_summary_table(run)}
+{_breakdown_table(run)}
 <h2>Plots</h2>{plots or "<p>Nothing to plot yet.</p>"}
 <h2>Samples: the same held-out prompts, before and after</h2>{_samples(run)}
 </body></html>

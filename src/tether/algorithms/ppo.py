@@ -193,6 +193,18 @@ def my_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
     return rows.view(-1, group)[distributed.rank() :: world].reshape(-1)
 
 
+def _group_pair_accuracy(scores: list[float], gold: list[float], group: int) -> tuple[int, int]:
+    """(agreeing, compared) pairs of samples of the same prompt (adjacent blocks of ``group``
+    rows) whose gold differs: how well the optimised score ranks what the policy now writes."""
+    from tether.algorithms.reward import pairwise_accuracy
+
+    agree = total = 0
+    for b in range(0, len(gold) - group + 1, group):
+        a, n = pairwise_accuracy(scores[b : b + group], gold[b : b + group])
+        agree, total = agree + a, total + n
+    return agree, total
+
+
 def shared_rollout(local: Rollout, local_scores: torch.Tensor, pad_id: int, dense=None):
     """Every process's rollout and scores, joined in rank order (data parallel: each process
     samples and scores a block of the rollout's prompts; the update needs them all for its
@@ -431,6 +443,10 @@ def train_ppo(
         if gold_fn is not None:
             gold = gold_fn(rollout.prompts, rollout.texts)
             row["reward/gold"] = sum(gold) / len(gold)
+            if G > 1:  # the score's pairwise accuracy against gold on the policy's own samples
+                agree, pairs = _group_pair_accuracy(raw_scores.tolist(), gold, G)
+                row["reward/pair_accuracy"] = agree / pairs if pairs else float("nan")
+                row["reward/pairs"] = pairs
         if logger is not None:
             logger.log(step, row)
         loop["first"] = loop["first"] or row

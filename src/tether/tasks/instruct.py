@@ -299,6 +299,14 @@ class InstructTask(Task):
                 hit.setdefault(ins.kind, []).append(int(ins.check(r)))
         return {k: sum(v) / len(v) for k, v in sorted(hit.items())}
 
+    def breakdown_counts(self, prompts: list) -> dict[str, int]:
+        """How many of ``prompts`` carry each kind of instruction (the n behind ``breakdown``)."""
+        n: dict[str, int] = {}
+        for p in prompts:
+            for ins in self.instructions_for(p):
+                n[ins.kind] = n.get(ins.kind, 0) + 1
+        return dict(sorted(n.items()))
+
     def repair(self, prompt, response: str) -> str | None:
         """Edit ``response`` until every instruction holds, or None when no edit does.
 
