@@ -519,7 +519,7 @@ class _Crash(BaseException):
 def test_lora_stages_resume_exactly(tmp_path, monkeypatch, _tether_home):
     """Under LoRA (the default preset's setting) only the adapters are saved; a crash in
     SFT, the reward model and PPO (policy with adapters disabled as the reference) resumes
-    to the uninterrupted weights."""
+    to the uninterrupted weights, sampling through the engine."""
     import tether.checkpoint as ck
     from safetensors.torch import load_file
 
@@ -530,7 +530,9 @@ def test_lora_stages_resume_exactly(tmp_path, monkeypatch, _tether_home):
         return load_config(preset="tiny", overrides=[
             f"out={out}", "stages=[data,sft,prefs,rm,ppo]", "report=false", "lora.enabled=true", "lora.dropout=0.1",
             "sft.epochs=1",
-            "rm.epochs=1", "ppo.steps=4", "prefs.n_prompts=300", "checkpoint.every=2"])
+            "rm.epochs=1", "ppo.steps=4", "prefs.n_prompts=300", "checkpoint.every=2",
+            # the Tether engine samples (the tiny preset pins transformers for its calibrated runs)
+            *[f"{s}.generation.engine=tether" for s in ("sft", "prefs", "ppo", "monitor", "eval")]])
 
     Pipeline(cfg(tmp_path / "straight")).run()
     crashes = iter(["sft:step:5", "rm:step:3", "ppo:step:3"])
