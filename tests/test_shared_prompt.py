@@ -162,3 +162,26 @@ def test_reward_model_rankings_share_their_prompt(tiny_path, tiny_tokenizer):
     batch = collate_rankings(enc, mixed)
     assert "group" not in batch and batch["slot_mask"].sum() == 11
     assert torch.allclose(ranking_scores(model, batch)[:3].detach(), s_scores, atol=1e-5)
+
+
+def test_score_groups_equals_scoring_each_response(tiny_path, tiny_tokenizer):
+    """The held-out scoring that runs each prompt once for its group gives score_responses'
+    rewards, in the order given (duplicate and empty responses included; mixed group sizes)."""
+    from tether.algorithms.reward import score_groups, score_responses
+    from tether.data.tokenize import Encoder
+
+    enc = Encoder(tiny_tokenizer, MODEL.max_length, MODEL.max_prompt_length)
+    torch.manual_seed(0)
+    model = load_scalar_model(tiny_path, MODEL, LORA, pad_token_id=enc.pad_id, num_labels=2)
+    _lora_nonzero(model)
+    groups = [(f"prompt number {i} " + "x " * i, ["alpha", "beta gamma", "alpha", "delta " * (i + 1)])
+              for i in range(5)]
+    flat_p = [p for p, rs in groups for _ in rs]
+    flat_r = [r for _, rs in groups for r in rs]
+    want = score_responses(model, enc, flat_p, flat_r)
+    got = score_groups(model, enc, groups, batch_size=2)
+    assert got.shape == want.shape == (20, 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mixed = groups[:2] + [("a shorter list", ["one", ""])]
+    want = score_responses(model, enc, [p for p, rs in mixed for _ in rs], [r for _, rs in mixed for r in rs])
+    torch.testing.assert_close(score_groups(model, enc, mixed), want, atol=1e-5, rtol=1e-5)

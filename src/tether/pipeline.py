@@ -779,7 +779,7 @@ class Pipeline:
         return {"source": path, **self._write_rankings(folder, train), "heldout_groups": len(held)}
 
     def stage_rm(self, folder: Path) -> dict:
-        from tether.algorithms.reward import pairwise_accuracy, score_responses, train_reward
+        from tether.algorithms.reward import pairwise_accuracy, score_groups, train_reward
         from tether.data.io import read_jsonl
         from tether.models import load_scalar_model, save_checkpoint
 
@@ -798,9 +798,7 @@ class Pipeline:
         groups = [rec for _, rec in read_jsonl(self.stage_dir("prefs") / "heldout.jsonl")]
         agree = total = 0
         if groups:
-            prompts = [g["prompt"] for g in groups for _ in g["responses"]]
-            responses = [r for g in groups for r in g["responses"]]
-            heads = score_responses(model, encoder, prompts, responses)
+            heads = score_groups(model, encoder, [(g["prompt"], g["responses"]) for g in groups])
             heads = heads.unsqueeze(-1) if heads.dim() == 1 else heads
             per_head = []
             for h in range(-1, heads.size(1)):  # -1: the ensemble's mean

@@ -21,7 +21,7 @@ from tether.engine import BatchPlan, Engine, MetricsLogger, length_groups, plan_
 from tether.losses import ensemble_ranking_loss, ranking_loss_terms
 from tether.models import grouped_token_scalars, token_scalars
 
-__all__ = ["ranking_cost", "collate_rankings", "ranking_scores", "bootstrap_weights", "ensemble_reward", "ensemble_spread", "train_reward", "score_responses", "score_rollout", "pairwise_accuracy"]
+__all__ = ["ranking_cost", "collate_rankings", "ranking_scores", "bootstrap_weights", "ensemble_reward", "ensemble_spread", "train_reward", "score_responses", "score_groups", "score_rollout", "pairwise_accuracy"]
 
 
 def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bool = True,
@@ -231,6 +231,31 @@ def score_responses(model, encoder: Encoder, prompts: list, responses: list[str]
             ids, mask = pad_right(seqs, encoder.pad_id)
             per_token = token_scalars(model, ids.to(device), mask.to(device))
             out.append(per_token[torch.arange(ids.size(0)), (mask.sum(1) - 1).to(device)].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).float() if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def score_groups(model, encoder: Encoder, groups: list[tuple], batch_size: int = 16) -> torch.Tensor:
+    """Rewards of groups of responses to one prompt each, ``groups`` = [(prompt, [response, ...])]:
+    [N] float32 ([N, H] for H heads) in the order given, N the number of responses. Each
+    prompt runs once for its group (as in training), about half the tokens of
+    :func:`score_responses` at K = 4; the same scores."""
+    from tether.data.schemas import parse_ranking
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for b in range(0, len(groups), batch_size):
+            chunk = [parse_ranking({"prompt": p, "responses": list(rs), "ranking": list(range(len(rs)))},
+                                   allow_empty_responses=True) for p, rs in groups[b : b + batch_size]]
+            batch = {k: v.to(device) for k, v in collate_rankings(encoder, chunk).items()}
+            scores = ranking_scores(model, batch).cpu()  # [b, Kmax(, H)]
+            for i, (_, rs) in enumerate(groups[b : b + batch_size]):
+                out.append(scores[i, : len(rs)])
     finally:
         model.train(was_training)
     return torch.cat(out).float() if out else torch.zeros(0)
