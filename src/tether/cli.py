@@ -110,7 +110,7 @@ def _print_summary(summary: dict) -> None:
     table.add_column("95% CI", justify="right")
     table.add_column("KL to ref", justify="right")
     table.add_column("length", justify="right")
-    table.add_column("paired Δ (± s.e.) · z · 95% CI", justify="right")
+    table.add_column("Δ vs SFT ± s.e. (z)", justify="right")
     for name, res in summary.get("eval", {}).items():
         kl = res.get("kl_to_ref")
         vs = res.get("vs_sft") or res.get("vs_base")
@@ -121,10 +121,15 @@ def _print_summary(summary: dict) -> None:
             f"[{res['gold_ci95'][0]:.3f}, {res['gold_ci95'][1]:.3f}]",
             "—" if kl is None else f"{kl:.2f} (vs {res.get('reference')})",
             f"{res['length_mean']:.1f}",
-            "—" if not vs else (f"{vs['mean']:+.3f} ± {vs['stderr']:.3f} vs {against} · {vs['z']:.1f} · "
-                                f"[{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}] (n {vs['n']})"),
+            "—" if not vs else f"{vs['mean']:+.3f} ± {vs['stderr']:.3f} ({vs['z']:.1f})" + ("ᵇ" if against == "base" else ""),
         )
     console.print(table)
+    paired = [(n, r) for n, r in summary.get("eval", {}).items() if r.get("vs_sft") or r.get("vs_base")]
+    if paired:
+        n = (paired[0][1].get("vs_sft") or paired[0][1].get("vs_base"))["n"]
+        console.print(f"Δ: paired difference to SFT on the same {n} held-out prompts (ᵇ SFT's to the base model), "
+                      "its paired standard error and z = Δ / s.e.; bootstrap intervals and the unpaired s.e. are "
+                      "in summary.json")
     rm = summary.get("reward_model")
     if rm:
         acc = rm.get("heldout_accuracy")
