@@ -15,7 +15,6 @@ pytestmark = pytest.mark.slow
 CUT = [
     "task.n_demos=48", "sft.best_of_n=2", "sft.max_steps=2",
     "prefs.n_prompts=12", "prefs.heldout_prompts=4", "prefs.overlap=0.25",
-    "rm.max_steps=2",
     "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
     "eval.n_prompts=8",
     "monitor.n_prompts=4", "monitor.checks=1",
@@ -59,6 +58,10 @@ def test_default_pipeline_runs_every_stage(default_run):
     prefs = summary["preferences"]
     assert prefs["k"] == 4 and prefs["rankings"] > 12  # the overlapping items carry several raters
     assert len(summary["reward_model"]["heldout_accuracy_per_head"]) == 4
+    rm = summary["reward_model"]
+    assert rm["trunk"] == "frozen" and rm["head_fit"]["l2"] in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    assert rm["learning_curve"][-1] == {"rankings": prefs["rankings"], "heldout_accuracy": rm["heldout_accuracy"],
+                                        "stderr": rm["learning_curve"][-1]["stderr"]}
     m = summary["monitor"]["ppo"]
     assert m["heldout"] == "gold" and isinstance(m["hacking_detected"], bool)
     history = json.loads((out / "ppo" / "monitor.json").read_text())["history"]

@@ -139,6 +139,11 @@ def _print_summary(summary: dict) -> None:
             + (f" (a simulated labeler: {lab:.3f})" if lab is not None else "")
             if acc is not None else "reward model: no held-out pairs"
         )
+        curve = rm.get("learning_curve")
+        if curve:
+            console.print("reward model learning curve (held-out accuracy by rankings): "
+                          + ", ".join(f"{c['rankings']}: {c['heldout_accuracy']:.3f}" for c in curve
+                                      if c.get("heldout_accuracy") is not None))
         shift = rm.get("on_policy_accuracy")
         if shift:
             a, b = shift["sft_samples"], shift["ppo_samples"]

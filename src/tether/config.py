@@ -232,6 +232,20 @@ class RMConfig:
                                          "(uncertainty-penalised reward; 0 = the mean).")
     margin_scale: float = _f(1.0, "A comparison's `strength` s becomes the Bradley-Terry margin "
                                   "margin_scale·s (Llama 2); 0 ignores strengths.")
+    trunk: Literal["tuned", "frozen"] = _f(
+        "tuned", "tuned: the backbone is trained with the head (LoRA when lora.enabled; InstructGPT). frozen: the SFT "
+                 "backbone stays as it is and only the linear head(s) are fitted on its final state at each "
+                 "response's last token (one forward pass over the rankings, then a second per fit: regularisation "
+                 "chosen by cross-validation and the learning curve come almost free; "
+                 "`epochs` and `optim` are not used).")
+    head_l2: list[float] = _f([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "trunk=frozen: L2 strengths tried on standardised "
+                                                         "features; the one with the lowest cross-validated loss is kept.")
+    head_steps: int = _f(300, "trunk=frozen: full-batch Adam steps (lr 0.01) of each head fit.")
+    head_folds: int = _f(5, "trunk=frozen: folds of the rankings' cross-validation that chooses the L2 strength "
+                            "(then the heads are fitted on all of them).")
+    learning_curve: list[int] = _f([25, 50, 100, 200], "trunk=frozen: held-out accuracy of heads fitted "
+                                                              "on the first n rankings, for each n below the total "
+                                                              "(and all of them); [] = none.")
     optim: OptimConfig = _sub(OptimConfig, "Optimiser for the reward model (batch = rankings).")
 
     def __post_init__(self) -> None:
@@ -239,6 +253,10 @@ class RMConfig:
         _check(self.margin_scale >= 0, "margin_scale", "must be >= 0")
         _check(self.ensemble >= 1, "ensemble", "must be >= 1")
         _check(self.uncertainty_penalty >= 0, "uncertainty_penalty", "must be >= 0")
+        _check(bool(self.head_l2) and all(x >= 0 for x in self.head_l2), "head_l2", "must be a non-empty list of values >= 0")
+        _check(self.head_steps >= 1, "head_steps", "must be >= 1")
+        _check(self.head_folds >= 2, "head_folds", "must be >= 2")
+        _check(all(n >= 2 for n in self.learning_curve), "learning_curve", "sizes must be >= 2")
 
 
 @dataclass

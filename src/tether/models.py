@@ -29,8 +29,11 @@ __all__ = [
     "reference_context",
     "policy_logits",
     "sequence_logprobs",
+    "token_states",
+    "scalar_head",
     "token_scalars",
     "grouped_logprobs",
+    "grouped_token_states",
     "grouped_token_scalars",
     "save_checkpoint",
     "position_ids_from_mask",
@@ -362,6 +365,32 @@ def _unwrap(model):
     return model
 
 
+def token_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states [B, L, D] of a sequence-classification model's backbone (what
+    its scalar head reads), positions from the mask (left or right padding)."""
+    inner = _unwrap(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    return backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+
+
+def scalar_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's ``score`` head on states [..., D]: [...] ([..., H] for H heads), float32
+    (float64 in a float64 model), computed in the head's own precision even under autocast."""
+    inner = _unwrap(model)
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no 'score' head; use a decoder model whose "
+                         "AutoModelForSequenceClassification class names its head 'score'")
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        out = head(hidden.to(head.weight.dtype)).squeeze(-1)
+    return out if out.dtype == torch.float64 else out.float()
+
+
 def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar head applied at every position of a sequence-classification model: [B, L]
     ([B, L, H] for a head with H > 1 outputs, an ensemble).
@@ -369,22 +398,7 @@ def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     Used for values (every position) and rewards (gathered at the last token), without
     relying on the model's own pad-token pooling (which breaks when pad == eos).
     """
-    inner = _unwrap(model)
-    backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    head = getattr(inner, "score", None)
-    if head is None:
-        raise ValueError(f"{type(inner).__name__} has no 'score' head; use a decoder model whose "
-                         "AutoModelForSequenceClassification class names its head 'score'")
-    # the scalar head runs in its own (float32) precision even under autocast
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        out = head(hidden.to(head.weight.dtype)).squeeze(-1)
-    return out if out.dtype == torch.float64 else out.float()
+    return scalar_head(model, token_states(model, input_ids, attention_mask))
 
 
 # --------------------------------------------------------------------------- shared prompts
@@ -475,19 +489,21 @@ def grouped_logprobs(model, query_ids, query_mask, response_ids, response_mask, 
     return out if len(out) > 1 else out[0]
 
 
+def grouped_token_states(model, query_ids, query_mask, response_ids, response_mask, group: int) -> torch.Tensor:
+    """:func:`token_states` over ``[query | response]`` rows whose queries repeat in groups of
+    ``group``: [B, 1 + W, D], the query's last state followed by one per response token."""
+    inner = _unwrap(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    q_out, r_out = split_prompt_forward(backbone, query_ids, query_mask, response_ids, response_mask, group)
+    return torch.cat([q_out.last_hidden_state[:, -1:].repeat_interleave(group, dim=0), r_out.last_hidden_state], dim=1)
+
+
 def grouped_token_scalars(model, query_ids, query_mask, response_ids, response_mask, group: int) -> torch.Tensor:
     """:func:`token_scalars` of a sequence-classification model over ``[query | response]``
     rows whose queries repeat in groups of ``group``: [B, 1 + W], the scalar at the query's
     last token followed by one per response token (values: ``[:, :-1]``; a response's
     score: ``[:, its length]``)."""
-    inner = _unwrap(model)
-    backbone = getattr(inner, inner.base_model_prefix)
-    q_out, r_out = split_prompt_forward(backbone, query_ids, query_mask, response_ids, response_mask, group)
-    hidden = torch.cat([q_out.last_hidden_state[:, -1:].repeat_interleave(group, dim=0), r_out.last_hidden_state], dim=1)
-    head = getattr(inner, "score")
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        out = head(hidden.to(head.weight.dtype)).squeeze(-1)
-    return out if out.dtype == torch.float64 else out.float()
+    return scalar_head(model, grouped_token_states(model, query_ids, query_mask, response_ids, response_mask, group))
 
 
 def _merged_full_precision(model):

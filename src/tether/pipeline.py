@@ -787,9 +787,20 @@ class Pipeline:
         seed = self._seed(4)
         encoder = self.encoder()
         rankings = load_rankings(self.stage_dir("prefs") / "rankings.jsonl", allow_empty_responses=True)
-        model = load_scalar_model(self.checkpoint("sft"), cfg.model, cfg.lora, pad_token_id=encoder.pad_id,
-                                  num_labels=cfg.rm.ensemble)
+        frozen = cfg.rm.trunk == "frozen"
+        model = load_scalar_model(self.checkpoint("sft"), cfg.model, None if frozen else cfg.lora,
+                                  pad_token_id=encoder.pad_id, num_labels=cfg.rm.ensemble)
         logger = self.logger(folder)
+        if frozen:  # the SFT backbone as it is, linear heads fitted on its states (every process alike)
+            from tether.algorithms.reward import fit_reward_model
+
+            model.requires_grad_(False)
+            groups = [rec for _, rec in read_jsonl(self.stage_dir("prefs") / "heldout.jsonl")]
+            result = fit_reward_model(model, encoder, rankings, cfg.rm, seed=seed, heldout=groups, logger=logger)
+            logger.close()
+            if distributed.is_main():
+                save_checkpoint(model, encoder.tokenizer, folder / "checkpoint")
+            return result
         result = train_reward(model, encoder, rankings, cfg.rm, seed=seed, logger=logger,
                               checkpointer=self._checkpointer)
         if not distributed.is_main():  # the first process evaluates and saves
@@ -1280,7 +1291,13 @@ class Pipeline:
                 "heldout_pairs": rm.get("heldout_pairs"),
                 "labeler_heldout_accuracy": self.result("prefs").get("labeler_heldout_accuracy"),
                 "final_loss": rm.get("final_loss"),
+                "trunk": rm.get("trunk", "tuned"),
+                "rankings": self.result("prefs").get("rankings"),
             }
+            if rm.get("learning_curve"):
+                summary["reward_model"]["learning_curve"] = rm["learning_curve"]
+            if rm.get("head_fit"):
+                summary["reward_model"]["head_fit"] = {k: rm["head_fit"].get(k) for k in ("l2", "steps", "validation_rankings")}
         if self.is_done("ppo"):
             ppo = self.result("ppo")
             summary["ppo"] = {"final_kl_coef": ppo.get("final_kl_coef"), "last": ppo.get("last")}

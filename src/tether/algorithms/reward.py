@@ -19,9 +19,10 @@ from tether.checkpoint import Checkpointer, LoopState, RNGState
 from tether.distributed import all_sum, all_sum_dict, local_micro
 from tether.engine import BatchPlan, Engine, MetricsLogger, length_groups, plan_steps, progress_bar, token_budget
 from tether.losses import ensemble_ranking_loss, ranking_loss_terms
-from tether.models import grouped_token_scalars, token_scalars
+from tether.models import grouped_token_scalars, grouped_token_states, scalar_head, token_scalars, token_states
 
-__all__ = ["ranking_cost", "collate_rankings", "ranking_scores", "bootstrap_weights", "ensemble_reward", "ensemble_spread", "train_reward", "score_responses", "score_groups", "score_rollout", "pairwise_accuracy"]
+__all__ = ["ranking_cost", "collate_rankings", "ranking_scores", "ranking_states", "collect_states", "fit_linear_heads",
+           "fit_reward_model", "group_accuracy", "bootstrap_weights", "ensemble_reward", "ensemble_spread", "train_reward", "score_responses", "score_groups", "score_rollout", "pairwise_accuracy"]
 
 
 def collate_rankings(encoder: Encoder, rankings: list[Ranking], share_prompt: bool = True,
@@ -110,20 +111,33 @@ def pair_labels(rankings: list[Ranking], k_max: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _last_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N, D] the backbone's final state at each of the batch's N sequences' last token."""
+    if "group" in batch:
+        lengths = batch["response_mask"].sum(dim=1)
+        states = grouped_token_states(model, batch["query_ids"], batch["query_mask"], batch["response_ids"],
+                                      batch["response_mask"], int(batch["group"]))
+        return states[torch.arange(states.size(0), device=states.device), lengths]
+    states = token_states(model, batch["input_ids"], batch["attention_mask"])
+    return states[torch.arange(states.size(0), device=states.device), batch["last"]]
+
+
+def _to_slots(seq: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N, ...] per sequence → [B, Kmax, ...] per ranking slot, 0 in padded slots."""
+    mask = batch["slot_mask"].to(seq.dtype)
+    return seq[batch["slots"].clamp(min=0)] * mask.view(*mask.shape, *([1] * (seq.dim() - 1)))
+
+
 def ranking_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Scores [B, Kmax] of a collated ranking batch (0 in padded slots); [B, Kmax, H] for a
     model with H reward heads."""
-    if "group" in batch:
-        lengths = batch["response_mask"].sum(dim=1)
-        per_token = grouped_token_scalars(model, batch["query_ids"], batch["query_mask"], batch["response_ids"],
-                                          batch["response_mask"], int(batch["group"]))
-        seq = per_token[torch.arange(per_token.size(0), device=per_token.device), lengths]
-    else:
-        per_token = token_scalars(model, batch["input_ids"], batch["attention_mask"])
-        seq = per_token[torch.arange(per_token.size(0), device=per_token.device), batch["last"]]
-    slots = batch["slots"].clamp(min=0)
-    mask = batch["slot_mask"].to(seq.dtype)
-    return seq[slots] * (mask.unsqueeze(-1) if seq.dim() == 2 else mask)
+    return _to_slots(scalar_head(model, _last_states(model, batch)), batch)
+
+
+def ranking_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The backbone's final states [B, Kmax, D] at each response's last token (what
+    :func:`ranking_scores` puts the head on; 0 in padded slots)."""
+    return _to_slots(_last_states(model, batch), batch)
 
 
 def bootstrap_weights(n: int, heads: int, generator: torch.Generator, bootstrap: bool = True) -> torch.Tensor:
@@ -323,3 +337,184 @@ def ensemble_reward(scores: torch.Tensor, penalty: float = 0.0) -> torch.Tensor:
     if scores.dim() == 1 or scores.size(-1) == 1:
         return scores.reshape(scores.size(0))
     return scores.mean(dim=-1) - penalty * ensemble_spread(scores)
+
+
+# --------------------------------------------------------------------------- frozen trunk
+#
+# rm.trunk = frozen: the SFT backbone as it is, linear heads fitted on its last-token states
+# (ArmoRM's linear heads on frozen features, Wang et al. 2024). The forward pass over the
+# rankings is the whole cost; each fit takes seconds, so the L2 strength is cross-validated
+# and a learning curve costs a few more fits.
+
+
+@torch.no_grad()
+def collect_states(model, encoder: Encoder, rankings: list[Ranking], *, share_prompt: bool = True,
+                   batch_size: int = 16, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(states [B, Kmax, D] float32, mask [B, Kmax])`` of every ranking (responses best
+    first), one forward pass of the backbone in eval mode (each prompt once for its K)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    k_max = max((len(r.responses) for r in rankings), default=1)
+    parts, masks = [], []
+    bar = progress_bar(len(rankings), desc, unit="ranking") if desc else None
+    try:
+        for b in range(0, len(rankings), batch_size):
+            chunk = rankings[b: b + batch_size]
+            batch = {k: v.to(device) for k, v in collate_rankings(encoder, chunk, share_prompt).items()}
+            st = ranking_states(model, batch).float().cpu()  # [b, k, D]
+            pad = k_max - st.size(1)
+            parts.append(torch.nn.functional.pad(st, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(batch["slot_mask"].cpu(), (0, pad)))
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    if not parts:
+        return torch.zeros(0, k_max, 0), torch.zeros(0, k_max, dtype=torch.bool)
+    return torch.cat(parts), torch.cat(masks)
+
+
+def fit_linear_heads(states: torch.Tensor, mask: torch.Tensor, heads: int = 1, *, loss: str = "bradley_terry",
+                     l2s: tuple[float, ...] | list[float] = (1e-3, 1e-2, 1e-1), steps: int = 300, folds: int = 5,
+                     bootstrap: bool = True, seed: int = 0, lr: float = 1e-2,
+                     targets: torch.Tensor | None = None, margins: torch.Tensor | None = None):
+    """Linear reward heads on frozen features, fitted on rankings (best first).
+
+    ``states`` [B, K, D] and ``mask`` [B, K]; ``targets``/``margins`` [B, P] as in
+    :func:`tether.losses.ranking_loss_terms`. Features are standardised; each head h minimises
+    ``ensemble_ranking_loss`` (its bootstrap weights when ``heads`` > 1) + ``l2·|w_h|²`` by
+    ``steps`` full-batch Adam steps. The L2 strength is the one with the lowest
+    ``folds``-fold cross-validated ranking loss (one head per fold fit; the folds split the
+    rankings); the heads are then fitted on all of them with it. (Early stopping on a small
+    split was tried and chose 2–26 steps from a noisy minimum: 0.60–0.66 held-out accuracy
+    against 0.67 at convergence on the default's features.)
+
+    Returns ``(weight [H, D], info)``: ``states @ weight.T`` are the heads' scores up to a
+    constant per head (the standardisation folded in), so ``weight`` loads straight into a
+    sequence-classification model's bias-free ``score`` head.
+    """
+    b = states.size(0)
+    valid = mask.unsqueeze(-1).to(states.dtype)
+    count = valid.sum().clamp(min=1)
+    mu = (states * valid).sum(dim=(0, 1)) / count  # [D]
+    sd = (((states - mu) * valid) ** 2).sum(dim=(0, 1)).div(count).sqrt().clamp(min=1e-6)
+    x = (states - mu) / sd * valid  # [B, K, D]
+    gen = torch.Generator().manual_seed(seed)
+    weights = bootstrap_weights(b, heads, gen, bootstrap)  # [B, H]
+    order = torch.randperm(b, generator=gen)
+
+    def rows(t, idx):
+        return None if t is None else t[idx]
+
+    def objective(w, idx, wts):
+        scores = x[idx] @ w.T  # [b, K, H]
+        return ensemble_ranking_loss(scores, mask[idx], wts, loss=loss, targets=rows(targets, idx),
+                                     margins=rows(margins, idx))
+
+    def run(idx, l2, wts):
+        w = torch.zeros(wts.size(1), x.size(-1), requires_grad=True)
+        opt = torch.optim.Adam([w], lr=lr)
+        for _ in range(steps):
+            obj = objective(w, idx, wts) + l2 * (w ** 2).sum(dim=1).mean()
+            opt.zero_grad()
+            obj.backward()
+            opt.step()
+        return w.detach()
+
+    folds = min(folds, b // 2)
+    info = {"rankings": b, "folds": folds if folds >= 2 else 0, "steps": steps}
+    if folds >= 2:
+        parts = order.chunk(folds)
+        cv = {}
+        for l2 in l2s:
+            total = 0.0
+            for f, val in enumerate(parts):
+                fit_rows = torch.cat([p for g, p in enumerate(parts) if g != f])
+                w = run(fit_rows, l2, torch.ones(len(fit_rows), 1))
+                with torch.no_grad():
+                    total += float(objective(w, val, torch.ones(len(val), 1))) * len(val) / b
+            cv[l2] = total
+        l2 = min(cv, key=cv.get)
+        info.update(l2=l2, cv_loss=cv[l2], cv_loss_per_l2={str(k): v for k, v in cv.items()})
+    else:  # too few rankings to hold some out: the middle strength
+        l2 = sorted(l2s)[len(l2s) // 2]
+        info["l2"] = l2
+    return run(torch.arange(b), l2, weights) / sd, info
+
+
+def group_accuracy(scores: torch.Tensor, groups: list[list[float]]) -> tuple[int, int]:
+    """(agreeing pairs, pairs with distinct gold) of flat ``scores`` [N] over consecutive
+    groups whose gold values are ``groups``."""
+    flat = scores.tolist()
+    agree = total = pos = 0
+    for gold in groups:
+        a, n = pairwise_accuracy(flat[pos: pos + len(gold)], gold)
+        agree, total, pos = agree + a, total + n, pos + len(gold)
+    return agree, total
+
+
+def fit_reward_model(model, encoder: Encoder, rankings: list[Ranking], cfg: RMConfig, *, seed: int = 0,
+                     heldout: list[dict] | None = None, logger: MetricsLogger | None = None) -> dict:
+    """``rm.trunk = frozen``: the backbone's last-token states of every ranking once, then
+    :func:`fit_linear_heads`; the heads are written into ``model.score`` in place.
+
+    ``heldout``: groups ``{prompt, responses, gold}`` scored against gold (the heads' mean),
+    with a learning curve (held-out accuracy of heads fitted on the first n rankings for each
+    n in ``cfg.learning_curve`` below the total, and on all) — each size chooses its own L2
+    strength by its own cross-validation; the held-out groups choose nothing.
+    """
+    from tether.data.schemas import parse_ranking
+
+    start = time.time()
+    heads = getattr(getattr(model, "config", None), "num_labels", 1) if cfg.ensemble > 1 else 1
+    states, mask = collect_states(model, encoder, rankings, share_prompt=cfg.share_prompt,
+                                  desc="reward model: features")
+    labels = pair_labels(rankings, states.size(1))
+    targets, margins = labels.get("targets"), labels.get("margins")
+    if margins is not None:
+        margins = cfg.margin_scale * margins
+    kw = dict(loss=cfg.loss, l2s=cfg.head_l2, steps=cfg.head_steps, folds=cfg.head_folds,
+              bootstrap=cfg.bootstrap, seed=seed)
+    feature_seconds = time.time() - start
+    weight, info = fit_linear_heads(states, mask, heads, targets=targets, margins=margins, **kw)
+    with torch.no_grad():
+        model.score.weight.copy_(weight.to(model.score.weight.dtype))
+    out = {"steps": info["steps"], "trunk": "frozen", "heads": heads, "bootstrap": bool(heads > 1 and cfg.bootstrap),
+           "head_fit": info, "feature_seconds": feature_seconds}
+    if heldout:
+        held = [parse_ranking({"prompt": g["prompt"], "responses": list(g["responses"]),
+                               "ranking": list(range(len(g["responses"])))}, allow_empty_responses=True)
+                for g in heldout]
+        h_states, h_mask = collect_states(model, encoder, held, share_prompt=cfg.share_prompt,
+                                          desc="reward model: held-out")
+        golds = [list(g["gold"]) for g in heldout]
+
+        def heldout_accuracy(w: torch.Tensor) -> tuple[float | None, int, list[float]]:
+            sc = h_states @ w.T  # [G, K, H]
+            per_head = [group_accuracy(sc[..., h][h_mask], golds) for h in range(sc.size(-1))]
+            a, n = group_accuracy(sc.mean(dim=-1)[h_mask], golds)
+            return (a / n if n else None), n, [x / max(m, 1) for x, m in per_head]
+
+        acc, n, per_head = heldout_accuracy(weight)
+        out.update(heldout_accuracy=acc, heldout_pairs=n)
+        if heads > 1:
+            out["heldout_accuracy_per_head"] = per_head
+        curve = []
+        for size in [m for m in cfg.learning_curve if m < len(rankings)] + [len(rankings)]:
+            if size == len(rankings):
+                a_n = acc
+            else:
+                w_n, _ = fit_linear_heads(states[:size], mask[:size], heads,
+                                          targets=None if targets is None else targets[:size],
+                                          margins=None if margins is None else margins[:size], **kw)
+                a_n = heldout_accuracy(w_n)[0]
+            se = None if a_n is None else (a_n * (1 - a_n) / max(n, 1)) ** 0.5
+            curve.append({"rankings": size, "heldout_accuracy": a_n, "stderr": se})
+        out["learning_curve"] = curve
+    out["seconds"] = time.time() - start
+    if logger is not None:
+        logger.log(info["steps"], {"rm/cv_loss": info.get("cv_loss"), "rm/heldout_accuracy": out.get("heldout_accuracy")})
+    return out
