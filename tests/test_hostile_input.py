@@ -41,7 +41,7 @@ from tether.data.schemas import (
     load_rankings,
     rankings_to_pairs,
 )
-from tether.data.stats import detect_kind, file_stats
+from tether.feedback.stats import detect_kind, file_stats
 from tether.labeling.store import LabelStore, StoreError
 
 

@@ -190,7 +190,7 @@ def latest_valid(root: str | Path, fingerprint: str | None = None, *, quarantine
 
 
 def _warn(msg: str) -> None:
-    from tether.pipeline import _say
+    from tether.console import say as _say
 
     _say(f"[yellow]warning: {msg}[/yellow]")
 
@@ -398,7 +398,7 @@ class Checkpointer:
 
 
 def _info(msg: str) -> None:
-    from tether.pipeline import _say
+    from tether.console import say as _say
 
     _say(f"[cyan]{msg}[/cyan]")
 

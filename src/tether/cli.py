@@ -252,7 +252,7 @@ def cmd_models(args, extra) -> int:
 
 def cmd_data(args, extra) -> int:
     from tether.data.schemas import load_demonstrations, load_rankings
-    from tether.data.stats import detect_kind, file_stats
+    from tether.feedback.stats import detect_kind, file_stats
 
     if extra:
         raise SystemExit(f"unexpected arguments: {extra}")

@@ -376,6 +376,6 @@ def _warn_skip(msg: str) -> None:
     import logging
 
     logging.getLogger("tether").warning(msg)
-    from tether.pipeline import _say
+    from tether.console import say as _say
 
     _say(f"[yellow]warning: {msg}[/yellow]")

@@ -23,15 +23,10 @@ import shutil
 from pathlib import Path
 
 from tether.config import RunConfig
+from tether.console import say as _say
 from tether.data.io import write_json
 
 __all__ = ["run_flywheel", "flywheel_report"]
-
-
-def _say(msg: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(msg)
 
 
 def run_flywheel(cfg: RunConfig, out_dir: str | Path | None = None) -> dict:

@@ -392,7 +392,7 @@ class Monitor:
         row["monitor/alarm"] = float(bool(new))
         if self.logger is not None:
             self.logger.log(steps_done, {k: v for k, v in row.items() if k.startswith("monitor/")})
-        from tether.pipeline import _say
+        from tether.console import say as _say
 
         for a in new:
             _say(f"[bold red]⚠ {self.name} step {a.step}: {a.message}[/bold red]")

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from tether import distributed
+from tether.console import say as _say
 from tether.config import POLICIES, STAGES, ConfigError, RunConfig, config_to_dict
 from tether.data.io import atomic_write_text, write_json, write_jsonl
 from tether.data.schemas import Ranking, load_demonstrations, load_rankings
@@ -55,16 +56,6 @@ def complete_sentences(text: str) -> str:
 
     ends = list(re.finditer(r"[.!?][\"'”’)\]]*(?=\s|$)", text))
     return text[: ends[-1].end()].rstrip() if ends else ""
-
-
-def _say(msg: str) -> None:
-    from tether import distributed
-
-    if not distributed.is_main():  # data parallel: the first process speaks for all
-        return
-    from rich.console import Console
-
-    Console(stderr=True).print(msg)
 
 
 def _rm_accuracy_on_policy(metrics: Path) -> dict | None:

@@ -4,5 +4,6 @@ demonstrations for SFT. ``get_task(name)`` returns one."""
 from __future__ import annotations
 
 from tether.tasks.base import Task, get_task, list_tasks
+from tether.tasks import arith, instruct, tiny  # noqa: F401,E402  (importing registers them)
 
 __all__ = ["Task", "get_task", "list_tasks"]

@@ -55,17 +55,12 @@ def register(name: str):
 
 
 def list_tasks() -> list[str]:
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
-def _load_builtin() -> None:
-    # Importing registers the built-in tasks.
-    from tether.tasks import arith, instruct, tiny  # noqa: F401
-
-
 def get_task(name: str, **options) -> Task:
-    _load_builtin()
+    """The registered task ``name`` (the built-in ones register when ``tether.tasks`` is
+    imported, which importing this module does first)."""
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
