@@ -42,6 +42,7 @@ FORMAT = 1
 PREFIX = "step-"
 
 
+from tether import console  # noqa: E402
 from tether.errors import CheckpointError  # noqa: E402 - re-exported here
 
 
@@ -190,9 +191,7 @@ def latest_valid(root: str | Path, fingerprint: str | None = None, *, quarantine
 
 
 def _warn(msg: str) -> None:
-    from tether.console import say as _say
-
-    _say(f"[yellow]warning: {msg}[/yellow]")
+    console.warn(msg)
 
 
 # --------------------------------------------------------------------------- crash tests
@@ -398,9 +397,7 @@ class Checkpointer:
 
 
 def _info(msg: str) -> None:
-    from tether.console import say as _say
-
-    _say(f"[cyan]{msg}[/cyan]")
+    console.say(f"[cyan]{msg}[/cyan]")
 
 
 def _plain(x: Any) -> Any:

@@ -376,6 +376,6 @@ def _warn_skip(msg: str) -> None:
     import logging
 
     logging.getLogger("tether").warning(msg)
-    from tether.console import say as _say
+    from tether.console import warn
 
-    _say(f"[yellow]warning: {msg}[/yellow]")
+    warn(msg)
