@@ -1288,7 +1288,7 @@ class Pipeline:
             if rm.get("learning_curve"):
                 summary["reward_model"]["learning_curve"] = rm["learning_curve"]
             if rm.get("head_fit"):
-                summary["reward_model"]["head_fit"] = {k: rm["head_fit"].get(k) for k in ("l2", "steps", "validation_rankings")}
+                summary["reward_model"]["head_fit"] = {k: rm["head_fit"].get(k) for k in ("l2", "steps", "folds", "cv_loss")}
         if self.is_done("ppo"):
             ppo = self.result("ppo")
             summary["ppo"] = {"final_kl_coef": ppo.get("final_kl_coef"), "last": ppo.get("last")}

@@ -237,11 +237,11 @@ def _plots(run: dict) -> list[tuple[str, str, str]]:
         ax.set_xscale("log")
         ax.set_xticks(x)
         ax.set_xticklabels([str(v) for v in x])
-        ax.set_xlabel(f"rankings of K (reward model trained on the first n)")
+        ax.set_xlabel("rankings of K (reward model trained on the first n)")
         ax.set_ylabel("held-out pairwise accuracy vs gold")
         out.append(("Reward model learning curve", f"Held-out pairwise accuracy against gold on "
                     f"{rm.get('heldout_pairs')} pairs of responses to held-out prompts, for a reward model fitted on the "
-                    "first n rankings (each size chooses its own regularisation on its own validation split); bars: "
+                    "first n rankings (each size chooses its own regularisation by its own cross-validation); bars: "
                     "95% intervals (binomial s.e. over pairs). Where it still climbs at the right, more rankings "
                     "would buy accuracy.", _svg(fig)))
     return out
